@@ -1,0 +1,28 @@
+"""Test setup: 8 fake CPU devices before jax is imported, float64 on demand."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+)
+
+import jax  # noqa: E402  pylint: disable=g-import-not-at-top
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+
+
+@pytest.fixture
+def rng() -> jax.Array:
+  return jax.random.key(0)
+
+
+@pytest.fixture
+def np_rng() -> np.random.Generator:
+  return np.random.default_rng(0)
+
+
+@pytest.fixture
+def fixtures_dir() -> str:
+  return FIXTURES
