@@ -1,0 +1,29 @@
+r"""Default job: DecAlign on the embedded synthetic MMSA-format data.
+
+  python -m decalign_jax.train --config configs/synthetic.py --workdir runs/syn
+
+The data are generated deterministically (decalign_jax/data/synthetic.py):
+MOSI-like dims (768/5/20) and length 50 with planted shared and
+modality-unique factors. They are synthetic, not a benchmark. The model is
+the MOSI architecture at a CPU-friendly width so the run takes a few minutes
+on 2 cores.
+"""
+
+from configs import mosi
+
+
+def get_config(arg=None):
+  c = mosi.get_config(arg)
+  c.data.source = "synthetic"
+  c.seeds = ()
+  c.seed = 0
+  c.num_epochs = 8
+  c.early_stop_patience = 4
+  c.batch_size = 32
+  c.selection_metric = "MAE"
+  m = c.model
+  m.d_model, m.num_heads, m.num_layers = 32, 4, 2
+  m.pde_dim = 32
+  c.optim.lr = 1e-3
+  c.log_training_steps = 8
+  return c

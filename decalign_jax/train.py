@@ -1,0 +1,289 @@
+r"""Training entry point.
+
+  python -m decalign_jax.train --config configs/synthetic.py --workdir runs/x
+  python -m decalign_jax.train --config configs/mosi.py \
+      --config.data.path=/data/mosi.pkl --workdir runs/mosi
+  python -m decalign_jax.train --config configs/mosi.py \
+      --config.data.path=/data/mosi.pkl --workdir runs/mosi --mode test
+"""
+
+import functools
+import json
+import logging
+import math
+import os
+import sys
+import time
+from typing import Any
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import ml_collections
+from ml_collections import config_flags
+import numpy as np
+import tqdm
+
+from decalign_jax import checkpoint
+from decalign_jax import metrics as metrics_lib
+from decalign_jax import optim
+from decalign_jax import sharding
+from decalign_jax import steps
+from decalign_jax.tasks import base
+from decalign_jax.tasks import sentiment
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file (get_config()).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "test"],
+                          "train (resumes from workdir) or test (scores the "
+                          "best checkpoint in workdir).")
+
+TASKS = {"sentiment": sentiment.make_task}
+
+
+class TrainingError(RuntimeError):
+  """A run that cannot continue (e.g. a non-finite loss)."""
+
+
+def _selection(config) -> tuple[str, str]:
+  name = config.selection_metric
+  return name, metrics_lib.metric_mode(name)
+
+
+def _score_for_plateau(value: float, mode: str) -> float:
+  return -value if mode == "max" else value
+
+
+class _MetricWriter:
+  """Appends JSON lines to workdir/metrics.jsonl (process 0 only)."""
+
+  def __init__(self, workdir: str):
+    self._path = os.path.join(workdir, "metrics.jsonl")
+    self._enabled = jax.process_index() == 0
+
+  def write(self, record: dict[str, Any]) -> None:
+    if self._enabled:
+      with open(self._path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _predict_all(eval_fn, params, batches, data_sharding):
+  preds, kept = [], []
+  for batch in batches:
+    kept.append(batch)
+    preds.append(eval_fn(params, sharding.put_batch(batch, data_sharding)))
+  # One host transfer after the loop rather than one per batch.
+  return [np.asarray(p) for p in jax.device_get(preds)], kept
+
+
+def run_one(config: ml_collections.ConfigDict, workdir: str, *,
+            mode: str = "train", task: base.Task | None = None
+            ) -> dict[str, Any]:
+  """Trains (or tests) one seed; returns the best checkpoint's results.
+
+  Resume order: the latest checkpoint in `workdir`, then
+  `config.init_from` (a reference checkpoint), then scratch.
+
+  Args:
+    config: run config.
+    workdir: this seed's output directory.
+    mode: "train" or "test".
+    task: a prebuilt task (else built from the config).
+
+  Returns:
+    `{"valid": metrics, "test": metrics, "best_epoch": int, ...}`.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  mesh = sharding.make_mesh(config.mesh)
+  data_sharding = sharding.data_sharding(mesh)
+  repl = sharding.replicated(mesh)
+  task = task or TASKS[config.task](
+      config, workdir, shard_index=jax.process_index(),
+      shard_count=jax.process_count())
+  logging.info("%s", task.info)
+
+  tx = optim.make_optimizer(config)
+  plateau = optim.make_plateau(config)
+  rng = jax.random.key(config.seed)
+  init_rng, state_rng = jax.random.split(rng)
+
+  def init_state(r):
+    return steps.init_train_state(task.init_params(r), tx, plateau, state_rng)
+
+  abstract = jax.eval_shape(init_state, init_rng)
+  state_sharding = jax.tree.map(lambda _: repl, abstract)
+  state = jax.jit(init_state, out_shardings=state_sharding)(init_rng)
+  if config.init_from:
+    from decalign_jax import convert  # pylint: disable=g-import-not-at-top
+    params = convert.params_from_reference(config.init_from, config)
+    state = state.replace(params=jax.device_put(
+        jax.tree.map(jnp.asarray, params), repl))
+
+  sel_name, sel_mode = _selection(config)
+  sched_name = config.scheduler_metric or sel_name
+  latest = checkpoint.make_manager(os.path.join(workdir, "ckpt", "latest"))
+  best = checkpoint.make_manager(os.path.join(workdir, "ckpt", "best"),
+                                 best_mode=sel_mode)
+  meta = {"epoch": 0, "best_score": None, "best_epoch": 0, "history": []}
+  if latest.latest_step() is not None:
+    state, meta = checkpoint.restore(latest, state)
+    logging.info("Resumed from %s at epoch %d", workdir, meta["epoch"])
+
+  train_fn = jax.jit(
+      functools.partial(steps.train_step, loss_fn=task.loss_fn, tx=tx),
+      in_shardings=(state_sharding, data_sharding),
+      out_shardings=(state_sharding, repl), donate_argnums=(0,))
+  eval_fn = jax.jit(
+      functools.partial(steps.eval_step, predict_fn=task.predict_fn),
+      in_shardings=(state_sharding.params, data_sharding), out_shardings=repl)
+  plateau_fn = jax.jit(functools.partial(steps.plateau_update,
+                                         plateau=plateau),
+                       donate_argnums=(0,))
+  writer = _MetricWriter(workdir)
+
+  def evaluate(params, split):
+    preds, batches = _predict_all(eval_fn, params, task.eval_batches[split](),
+                                  data_sharding)
+    return task.evaluate(split, preds, batches)
+
+  if mode == "train":
+    total_steps = config.num_epochs * task.steps_per_epoch
+    bar = tqdm.tqdm(total=total_steps, initial=int(state.step),
+                    desc=os.path.basename(os.path.normpath(workdir)),
+                    disable=jax.process_index() != 0, dynamic_ncols=True)
+    step = int(state.step)
+    for epoch in range(meta["epoch"], config.num_epochs):
+      if epoch - meta["best_epoch"] >= config.early_stop_patience and (
+          meta["best_score"] is not None):
+        break
+      t0 = time.time()
+      for batch in task.train_batches(epoch):
+        state, measurements = train_fn(
+            state, sharding.put_batch(batch, data_sharding))
+        step += 1  # a host counter: reading state.step would sync
+        bar.update(1)
+        if step % config.log_training_steps == 0:
+          m = {k: float(v) for k, v in jax.device_get(measurements).items()}
+          if not all(math.isfinite(v) for v in m.values()):
+            raise TrainingError(
+                f"non-finite training measurements at step {step}: {m}")
+          writer.write({"step": step, "epoch": epoch, "split": "train", **m})
+          bar.set_postfix(loss=f"{m['loss']:.4f}")
+      valid = evaluate(state.params, "valid")
+      score = valid[sel_name]
+      state = plateau_fn(state, jnp.asarray(
+          _score_for_plateau(valid[sched_name], metrics_lib.metric_mode(
+              sched_name)), jnp.float32))
+      improved = meta["best_score"] is None or (
+          score > meta["best_score"] if sel_mode == "max"
+          else score < meta["best_score"])
+      if improved:
+        meta["best_score"], meta["best_epoch"] = score, epoch + 1
+      meta["epoch"] = epoch + 1
+      meta["history"].append({"epoch": epoch + 1, sel_name: score})
+      writer.write({"step": step, "epoch": epoch + 1,
+                    "split": "valid", "seconds": time.time() - t0, **valid})
+      logging.info("epoch %d valid %s", epoch + 1, valid)
+      if improved:
+        checkpoint.save(best, step, state, meta, score=score)
+      checkpoint.save(latest, step, state, meta)
+    bar.close()
+    latest.wait_until_finished()
+    best.wait_until_finished()
+
+  if best.latest_step() is None:
+    raise TrainingError(f"no best checkpoint under {workdir}/ckpt/best: "
+                        "train first (--mode train)")
+  state, best_meta = checkpoint.restore(best, state, best.best_step())
+  results = {
+      "best_epoch": best_meta["best_epoch"],
+      "selection_metric": sel_name,
+      "valid": evaluate(state.params, "valid"),
+      "test": evaluate(state.params, "test"),
+      "baseline": {"test": task.baseline("test")},
+  }
+  latest.close()
+  best.close()
+  return results
+
+
+def _summary(per_seed: dict[str, dict[str, Any]]) -> dict[str, Any]:
+  names = sorted(next(iter(per_seed.values()))["test"])
+  table = {}
+  for name in names:
+    vals = np.array([r["test"][name] for r in per_seed.values()], np.float64)
+    table[name] = {"mean": float(vals.mean()), "std": float(vals.std())}
+  return table
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       mode: str = "train") -> dict[str, Any]:
+  """Runs every seed and writes `workdir/results.json`.
+
+  Args:
+    config: run config; `config.seeds` (if non-empty) overrides `seed`.
+    workdir: output directory (one subdirectory per seed if several).
+    mode: "train" or "test".
+
+  Returns:
+    the results dict written to results.json.
+  """
+  seeds = list(config.seeds) or [config.seed]
+  # Build (and so validate) the data before anything is written.
+  task_config = config.copy_and_resolve_references()
+  splits = sentiment.load_splits(task_config, workdir) if (
+      config.task == "sentiment") else None
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+  per_seed = {}
+  for seed in seeds:
+    seed_config = config.copy_and_resolve_references()
+    with seed_config.unlocked():
+      seed_config.seed = seed
+    seed_dir = workdir if len(seeds) == 1 else os.path.join(
+        workdir, f"seed_{seed}")
+    task = TASKS[config.task](seed_config, workdir, splits=splits,
+                              shard_index=jax.process_index(),
+                              shard_count=jax.process_count())
+    per_seed[str(seed)] = run_one(seed_config, seed_dir, mode=mode, task=task)
+  first = next(iter(per_seed.values()))
+  results = {
+      "test": first["test"] if len(seeds) == 1 else _summary(per_seed),
+      "baseline": first["baseline"]["test"],
+      "selection_metric": first["selection_metric"],
+      "seeds": per_seed,
+  }
+  if jax.process_index() == 0:
+    name = "results.json" if mode == "train" else "test_results.json"
+    with open(os.path.join(workdir, name), "w") as f:
+      json.dump(results, f, indent=2)
+    _print_table(per_seed, results)
+  return results
+
+
+def _print_table(per_seed, results):
+  names = list(results["baseline"])
+  if len(per_seed) > 1:
+    rows = [f"{n:>16s}: {results['test'][n]['mean']:.4f} +- "
+            f"{results['test'][n]['std']:.4f}" for n in names]
+  else:
+    rows = [f"{n:>16s}: {results['test'][n]:.4f}   (baseline "
+            f"{results['baseline'][n]:.4f})" for n in names]
+  print("test metrics of the best checkpoint:\n" + "\n".join(rows))
+
+
+def main(argv):
+  del argv
+  logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+  jax.config.update("jax_threefry_partitionable", True)
+  sharding.maybe_initialize_distributed()
+  train_and_evaluate(_CONFIG.value, _WORKDIR.value, mode=_MODE.value)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)

@@ -1,0 +1,155 @@
+"""End to end: a tiny training run, resume, test mode and bad inputs."""
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from decalign_jax import train
+from decalign_jax.data import mmsa
+from decalign_jax.data import synthetic
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _tiny_config():
+  sys.path.insert(0, REPO)
+  from configs import synthetic as synthetic_config  # pylint: disable=g-import-not-at-top
+  c = synthetic_config.get_config()
+  c.data.synthetic.update(num_train=64, num_valid=24, num_test=24, seq_len=6)
+  c.model.feature_dims = (16, 5, 7)
+  c.model.d_model, c.model.num_heads, c.model.num_layers = 8, 2, 1
+  c.model.pde_dim, c.model.num_prototypes = 8, 3
+  c.batch_size = 16
+  c.num_epochs = 2
+  c.log_training_steps = 2
+  return c
+
+
+def _records(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_tiny_run_resume_and_test_mode(tmp_path):
+  workdir = str(tmp_path / "run")
+  config = _tiny_config()
+  results = train.train_and_evaluate(config, workdir)
+  with open(os.path.join(workdir, "results.json")) as f:
+    on_disk = json.load(f)
+  for name in ("MAE", "Non0_acc_2", "Corr", "loss"):
+    assert np.isfinite(on_disk["test"][name])
+    assert name in on_disk["baseline"]
+  recs = _records(workdir)
+  train_recs = [r for r in recs if r["split"] == "train"]
+  valid_recs = [r for r in recs if r["split"] == "valid"]
+  assert [r["epoch"] for r in valid_recs] == [1, 2]
+  assert len(train_recs) == 4  # 4 steps/epoch, logged every 2 steps
+  assert all(np.isfinite(r["loss"]) for r in train_recs)
+  assert {"task", "dec", "hete", "homo", "ct", "l2_grads"} <= set(
+      train_recs[0])
+
+  # Resume: two more epochs continue from the saved state, not from scratch.
+  config.num_epochs = 4
+  train.train_and_evaluate(config, workdir)
+  valid_recs = [r for r in _records(workdir) if r["split"] == "valid"]
+  assert [r["epoch"] for r in valid_recs] == [1, 2, 3, 4]
+  steps = [r["step"] for r in _records(workdir) if r["split"] == "train"]
+  assert steps == sorted(steps) and steps[-1] == 16
+
+  # Test mode re-scores the best checkpoint without training.
+  tested = train.train_and_evaluate(config, workdir, mode="test")
+  with open(os.path.join(workdir, "results.json")) as f:
+    final = json.load(f)
+  assert tested["test"] == pytest.approx(final["test"])
+  assert len(_records(workdir)) == len(_records(workdir))
+  del results
+
+
+def test_multi_seed_table(tmp_path):
+  config = _tiny_config()
+  config.num_epochs = 1
+  config.seeds = (1, 2)
+  results = train.train_and_evaluate(config, str(tmp_path))
+  assert set(results["seeds"]) == {"1", "2"}
+  assert set(results["test"]["MAE"]) == {"mean", "std"}
+  maes = [results["seeds"][s]["test"]["MAE"] for s in ("1", "2")]
+  assert results["test"]["MAE"]["mean"] == pytest.approx(np.mean(maes))
+  assert os.path.isdir(tmp_path / "seed_1" / "ckpt" / "best")
+
+
+def _write_pickle(path, data):
+  with open(path, "wb") as f:
+    pickle.dump(data, f)
+
+
+def _bad_data(tmp_path, mutate):
+  data = synthetic.make_synthetic_mmsa(
+      seed=0, num_train=16, num_valid=8, num_test=8, seq_len=6,
+      feature_dims=(16, 5, 7))
+  mutate(data)
+  path = str(tmp_path / "bad.pkl")
+  _write_pickle(path, data)
+  return path
+
+
+def _labels_nan(d):
+  d["valid"]["regression_labels"][3] = np.nan
+
+
+def _drop_audio(d):
+  del d["test"]["audio"]
+
+
+def _wrong_dim(d):
+  for split in d.values():
+    split["vision"] = split["vision"][..., :4]
+
+
+def _empty(d):
+  for k, v in d["valid"].items():
+    d["valid"][k] = v[:0]
+
+
+@pytest.mark.parametrize("mutate,pattern", [
+    (_labels_nan, r"valid.*regression_labels"),
+    (_drop_audio, r"test.*audio"),
+    (_wrong_dim, r"vision.*model.feature_dims"),
+    (_empty, r"valid.*empty"),
+])
+def test_bad_data_stops_before_touching_workdir(tmp_path, mutate, pattern):
+  workdir = tmp_path / "existing"
+  workdir.mkdir()
+  (workdir / "keep.txt").write_text("precious")
+  config = _tiny_config()
+  config.data.source = "mmsa"
+  config.data.path = _bad_data(tmp_path, mutate)
+  with pytest.raises(mmsa.DataError, match=pattern):
+    train.train_and_evaluate(config, str(workdir))
+  assert os.listdir(workdir) == ["keep.txt"]
+  assert (workdir / "keep.txt").read_text() == "precious"
+
+
+def test_missing_file(tmp_path):
+  config = _tiny_config()
+  config.data.source = "mmsa"
+  config.data.path = str(tmp_path / "nope.pkl")
+  with pytest.raises(mmsa.DataError, match="nope.pkl"):
+    train.train_and_evaluate(config, str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()
+
+
+def test_cli_unknown_config_field(tmp_path):
+  workdir = tmp_path / "w"
+  proc = subprocess.run(
+      [sys.executable, "-m", "decalign_jax.train", "--config",
+       os.path.join(REPO, "configs", "synthetic.py"), "--workdir",
+       str(workdir), "--config.model.bogus_field=3"],
+      cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+  assert proc.returncode != 0
+  assert "bogus_field" in proc.stderr
+  assert not workdir.exists()
