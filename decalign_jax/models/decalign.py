@@ -132,7 +132,7 @@ class DecAlign(nn.Module):
       s[m] = nn.Dense(d, use_bias=False, name=f"encoder_uni_{m}",
                       kernel_init=tfm.torch_default_kernel_init)(x)
       c[m] = encoder_com(x)
-      self.sow("intermediates", f"proj_{m}", x)
+      self.sow("intermediates", f"projected_{m}", x)
 
     # DecAlign Eq. (decoupling): mean cos^2 between unique and common parts.
     dec_terms = [decomposition.decoupling_loss(s[m], c[m]) for m in active]
