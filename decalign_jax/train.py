@@ -18,6 +18,7 @@ from typing import Any
 
 from absl import app
 from absl import flags
+from absl import logging as absl_logging
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -41,6 +42,7 @@ _MODE = flags.DEFINE_enum("mode", "train", ["train", "test"],
                           "best checkpoint in workdir).")
 
 TASKS = {"sentiment": sentiment.make_task}
+log = logging.getLogger(__name__)
 
 
 class TrainingError(RuntimeError):
@@ -102,7 +104,7 @@ def run_one(config: ml_collections.ConfigDict, workdir: str, *,
   task = task or TASKS[config.task](
       config, workdir, shard_index=jax.process_index(),
       shard_count=jax.process_count())
-  logging.info("%s", task.info)
+  log.info("%s", task.info)
 
   tx = optim.make_optimizer(config)
   plateau = optim.make_plateau(config)
@@ -129,7 +131,7 @@ def run_one(config: ml_collections.ConfigDict, workdir: str, *,
   meta = {"epoch": 0, "best_score": None, "best_epoch": 0, "history": []}
   if latest.latest_step() is not None:
     state, meta = checkpoint.restore(latest, state)
-    logging.info("Resumed from %s at epoch %d", workdir, meta["epoch"])
+    log.info("Resumed from %s at epoch %d", workdir, meta["epoch"])
 
   train_fn = jax.jit(
       functools.partial(steps.train_step, loss_fn=task.loss_fn, tx=tx),
@@ -185,7 +187,8 @@ def run_one(config: ml_collections.ConfigDict, workdir: str, *,
       meta["history"].append({"epoch": epoch + 1, sel_name: score})
       writer.write({"step": step, "epoch": epoch + 1,
                     "split": "valid", "seconds": time.time() - t0, **valid})
-      logging.info("epoch %d valid %s", epoch + 1, valid)
+      log.info("epoch %d: valid %s %.4f (best %.4f at epoch %d)", epoch + 1,
+               sel_name, score, meta["best_score"], meta["best_epoch"])
       if improved:
         checkpoint.save(best, step, state, meta, score=score)
       checkpoint.save(latest, step, state, meta)
@@ -278,7 +281,16 @@ def _print_table(per_seed, results):
 
 def main(argv):
   del argv
-  logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+  # Orbax logs every save/restore at INFO through absl; keep its warnings
+  # only, and give our own messages their own handler.
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  ours = logging.getLogger("decalign_jax")
+  handler = logging.StreamHandler(sys.stderr)
+  handler.setFormatter(logging.Formatter("%(asctime)s %(message)s",
+                                         "%H:%M:%S"))
+  ours.addHandler(handler)
+  ours.setLevel(logging.INFO)
+  ours.propagate = False
   jax.config.update("jax_threefry_partitionable", True)
   sharding.maybe_initialize_distributed()
   train_and_evaluate(_CONFIG.value, _WORKDIR.value, mode=_MODE.value)

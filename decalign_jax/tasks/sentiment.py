@@ -19,6 +19,7 @@ from decalign_jax.models import decalign
 from decalign_jax.tasks import base
 
 MODEL_INPUTS = ("text", "audio", "vision")
+log = logging.getLogger(__name__)
 
 
 def build_model(config: ml_collections.ConfigDict) -> decalign.DecAlign:
@@ -56,7 +57,7 @@ def load_splits(config: ml_collections.ConfigDict, workdir: str
     if not path:
       path = os.path.join(workdir, "synthetic_mmsa.pkl")
     if not os.path.exists(path):
-      logging.info("Writing the synthetic MMSA-format dataset to %s", path)
+      log.info("Writing the synthetic MMSA-format dataset to %s", path)
       synthetic.write_synthetic_mmsa(
           path, seed=dc.synthetic.seed, num_train=dc.synthetic.num_train,
           num_valid=dc.synthetic.num_valid, num_test=dc.synthetic.num_test,
