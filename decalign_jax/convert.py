@@ -4,8 +4,9 @@
   or a fully resolved one) -> our `ConfigDict`, refusing fields we do not
   support.
 * `params_from_reference(state_dict, config)`: a `state_dict` (mapping of
-  names to arrays, or a `.pth` / `.npz` path) -> Flax params, every name and
-  shape checked; `params_to_reference(params, config)` goes back.
+  names to arrays, or a `.pth` / `.npz` path; `.pth` files are read without
+  torch, see `torch_pickle`) -> Flax params, every name and shape checked;
+  `params_to_reference(params, config)` goes back.
 
 The converted config keeps the reference's behaviour where it differs from
 our defaults (`causal_in_cross=False`, `ot_mode='reference'`,
@@ -22,6 +23,7 @@ import ml_collections
 import numpy as np
 
 from decalign_jax import config_defaults
+from decalign_jax import torch_pickle
 
 # Reference fields that only concern its own scripts (paths, logging, BERT
 # loading names) and have no meaning here.
@@ -106,12 +108,29 @@ def _selection_metric(name: str | None, cfg: Mapping[str, Any]) -> str:
   return name
 
 
-def config_from_reference(cfg: Mapping[str, Any] | str
+# What the reference's config.py adds per dataset when a field is absent
+# from the JSON file (its released files omit e.g. feature_dims).
+_DATASET_DEFAULTS = {
+    "mosi": {"feature_dims": [768, 5, 20], "train_mode": "regression"},
+    "mosei": {"feature_dims": [768, 74, 35], "train_mode": "regression"},
+    "sims": {"feature_dims": [768, 33, 709], "train_mode": "regression"},
+    "iemocap": {"feature_dims": [1024, 512, 1024], "use_bert": False,
+                "train_mode": "classification", "num_classes": 6,
+                "selection_metric": "WAF1", "scheduler_metric": "WAF1"},
+}
+
+
+def config_from_reference(cfg: Mapping[str, Any] | str, *,
+                          dataset: str | None = None
                           ) -> ml_collections.ConfigDict:
   """A reference JSON config -> our config.
 
   Args:
-    cfg: the parsed JSON dict, or a path to the JSON file.
+    cfg: the parsed JSON dict, or a path to the JSON file (a released
+      `config/*.json` or a fully resolved config).
+    dataset: mosi | mosei | sims | iemocap, when `cfg` has no
+      `dataset_name` (the reference takes it from its command line). Fields
+      absent from `cfg` are filled with the reference's dataset defaults.
 
   Returns:
     a locked ConfigDict equivalent to `cfg`.
@@ -123,6 +142,14 @@ def config_from_reference(cfg: Mapping[str, Any] | str
     with open(cfg) as f:
       cfg = json.load(f)
   cfg = dict(cfg)
+  name = (dataset or cfg.get("dataset_name") or "").lower()
+  name = {"ch-sims": "sims", "ch_sims": "sims", "chsims": "sims"}.get(name,
+                                                                       name)
+  if name not in _DATASET_DEFAULTS:
+    raise ValueError(
+        f"reference config has dataset_name={cfg.get('dataset_name')!r}; "
+        "pass dataset= one of " + ", ".join(_DATASET_DEFAULTS))
+  cfg = {**_DATASET_DEFAULTS[name], **cfg, "dataset_name": name}
   c = config_defaults.base_config()
   # Reference behaviours, kept so converted checkpoints compute the same.
   c.model.causal_in_cross = False
@@ -258,17 +285,12 @@ def load_state_dict(source: Mapping[str, Any] | str) -> dict[str, np.ndarray]:
   if path.endswith(".npz"):
     with np.load(path) as z:
       return {k: z[k] for k in z.files if "/" not in k}
-  try:
-    import torch  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise ImportError(
-        f"reading {path} needs torch (pip install torch); or save the "
-        "state_dict as .npz: np.savez(f, **{k: v.numpy() for k, v in "
-        "sd.items()})") from e
-  sd = torch.load(path, map_location="cpu", weights_only=True)
-  if "model_state_dict" in sd:
+  sd = torch_pickle.load(path)
+  if isinstance(sd, Mapping) and "model_state_dict" in sd:
     sd = sd["model_state_dict"]
-  return {k: v.detach().cpu().numpy() for k, v in sd.items()}
+  if not isinstance(sd, Mapping):
+    raise ValueError(f"{path} holds a {type(sd).__name__}, not a state_dict")
+  return {k: np.asarray(v) for k, v in sd.items()}
 
 
 def _expected_shapes(config: ml_collections.ConfigDict) -> dict[str, tuple]:

@@ -49,9 +49,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *,
   updates = jax.tree.map(lambda u: (scale * u).astype(u.dtype), updates)
   params = optax.apply_updates(state.params, updates)
   measurements = dict(
-      measurements, loss=loss, l2_grads=optax.global_norm(grads),
-      l2_updates=optax.global_norm(updates),
-      l2_params=optax.global_norm(params), lr_scale=scale)
+      measurements, loss=loss, l2_grads=optax.tree.norm(grads),
+      l2_updates=optax.tree.norm(updates),
+      l2_params=optax.tree.norm(params), lr_scale=scale)
   new_state = state.replace(step=state.step + 1, params=params,
                             opt_state=opt_state)
   return new_state, measurements

@@ -196,10 +196,15 @@ def run_one(config: ml_collections.ConfigDict, workdir: str, *,
     latest.wait_until_finished()
     best.wait_until_finished()
 
-  if best.latest_step() is None:
+  if best.latest_step() is not None:
+    state, best_meta = checkpoint.restore(best, state, best.best_step())
+  elif mode == "test" and config.init_from:
+    # Scoring a reference checkpoint as it is.
+    best_meta = {"best_epoch": 0}
+  else:
     raise TrainingError(f"no best checkpoint under {workdir}/ckpt/best: "
-                        "train first (--mode train)")
-  state, best_meta = checkpoint.restore(best, state, best.best_step())
+                        "train first (--mode train), or give "
+                        "--config.init_from=<reference .pth> to score one")
   results = {
       "best_epoch": best_meta["best_epoch"],
       "selection_metric": sel_name,
