@@ -21,7 +21,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.selection_metric = "loss"
   c.scheduler_metric = ""  # "" -> same as selection_metric
   c.log_training_steps = 10
+  # Device mesh axes; the batch is split over "data" (and "fsdp").
   c.mesh = [("data", -1)]
+  # Parameter / optimizer-state layout: (regex on the state path, strategy)
+  # with strategy "replicate" or "fsdp" (needs an "fsdp" mesh axis).
+  c.sharding_rules = [(".*", "replicate")]
   # A reference PyTorch checkpoint (.pth or .npz state_dict) to start from.
   c.init_from = ""
 
@@ -67,6 +71,11 @@ def base_config() -> ml_collections.ConfigDict:
   m.res_dropout = 0.1
   m.output_dropout = 0.0
   m.text_dropout = 0.0
+  # A local BERT-family directory (save_pretrained: config.json,
+  # model.safetensors, tokenizer). Set: fine-tune it on the pickle's
+  # `text_bert` ids; empty: use the precomputed `text` features.
+  m.text_model_dir = ""
+  m.freeze_text = False
 
   lc = c.loss = ml_collections.ConfigDict()
   lc.task_loss = "l1"  # mse | l1 | smooth_l1 (regression)
@@ -81,11 +90,17 @@ def base_config() -> ml_collections.ConfigDict:
 
   o = c.optim = ml_collections.ConfigDict()
   o.lr = 1e-3
+  # Learning rate of the text backbone (the reference's bert_learning_rate);
+  # None: same as lr.
+  o.text_lr = ml_collections.FieldReference(None, field_type=float)
   o.weight_decay = 0.0
   o.clip = 0.8
   o.b1 = 0.9
   o.b2 = 0.999
   o.eps = 1e-8
+  # Extra per-group learning rates: [(regex on the param path, lr or None
+  # to freeze)], first match wins.
+  o.groups = []
   o.plateau_factor = 0.1
   o.plateau_patience = 20
   o.plateau_rtol = 1e-4

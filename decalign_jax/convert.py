@@ -24,6 +24,7 @@ import numpy as np
 
 from decalign_jax import config_defaults
 from decalign_jax import torch_pickle
+from decalign_jax.models import text_loading
 
 # Reference fields that only concern its own scripts (paths, logging, BERT
 # loading names) and have no meaning here.
@@ -121,7 +122,8 @@ _DATASET_DEFAULTS = {
 
 
 def config_from_reference(cfg: Mapping[str, Any] | str, *,
-                          dataset: str | None = None
+                          dataset: str | None = None,
+                          text_model_dir: str | None = None
                           ) -> ml_collections.ConfigDict:
   """A reference JSON config -> our config.
 
@@ -131,6 +133,9 @@ def config_from_reference(cfg: Mapping[str, Any] | str, *,
     dataset: mosi | mosei | sims | iemocap, when `cfg` has no
       `dataset_name` (the reference takes it from its command line). Fields
       absent from `cfg` are filled with the reference's dataset defaults.
+    text_model_dir: a local BERT directory (save_pretrained) with the
+      architecture of the reference's `pretrained` model; required when
+      `cfg` has `use_bert: true`.
 
   Returns:
     a locked ConfigDict equivalent to `cfg`.
@@ -158,9 +163,16 @@ def config_from_reference(cfg: Mapping[str, Any] | str, *,
   c.data.source = "mmsa"
   problems = []
   if cfg.get("use_bert"):
-    problems.append(
-        "use_bert=true (fine-tuned BERT text backbone) is not supported yet; "
-        "set it to false to use the pickle's precomputed `text` features")
+    if not text_model_dir:
+      problems.append(
+          "use_bert=true: give text_model_dir, a local save_pretrained "
+          f"directory of {cfg.get('pretrained', 'the BERT model')!r} (or set "
+          "use_bert false to use the pickle's precomputed `text` features)")
+    else:
+      c.model.text_model_dir = text_model_dir
+      c.model.freeze_text = not cfg.get("use_finetune", True)
+      if cfg.get("bert_learning_rate") is not None:
+        c.optim.text_lr = float(cfg["bert_learning_rate"])
   if cfg.get("model_name", "decalign").lower() != "decalign":
     problems.append(f"model_name={cfg['model_name']!r}: only 'decalign'")
   for key, value in cfg.items():
@@ -269,6 +281,9 @@ def _rename(name: str, *, to_ours: bool) -> tuple[str, Callable] | None:
   return None
 
 
+# The reference wraps transformers' BertModel as `text_model.model`.
+_BERT_PREFIX = "text_model.model."
+
 _IN_PROJ = re.compile(
     r"trans_([lav])\.layers\.(\d+)\.self_attn\.in_proj_(weight|bias)")
 _QKV = re.compile(
@@ -334,6 +349,18 @@ def params_from_reference(state_dict: Mapping[str, Any] | str,
   sd = load_state_dict(state_dict)
   flat: dict[str, np.ndarray] = {}
   unexpected = []
+  bert_sd = {k[len(_BERT_PREFIX):]: v for k, v in sd.items()
+             if k.startswith(_BERT_PREFIX)}
+  sd = {k: v for k, v in sd.items() if not k.startswith(_BERT_PREFIX)}
+  text_params = None
+  if bert_sd:
+    bert = _bert_config(config)
+    if bert is None:
+      unexpected.append(f"{_BERT_PREFIX}* ({len(bert_sd)} BERT tensors; set "
+                        "model.text_model_dir to use them)")
+    else:
+      text_params = text_loading.params_from_state_dict(
+          bert_sd, bert, source="reference state_dict (text_model.model.*)")
   for name, w in sd.items():
     m = _IN_PROJ.fullmatch(name)
     if m:
@@ -348,7 +375,8 @@ def params_from_reference(state_dict: Mapping[str, Any] | str,
       unexpected.append(name)
     else:
       flat[renamed[0]] = renamed[1](w)
-  expected = _expected_shapes(config)
+  expected = {k: v for k, v in _expected_shapes(config).items()
+              if not k.startswith("text_model/")}
   missing = sorted(set(expected) - set(flat))
   extra = sorted(set(flat) - set(expected))
   wrong = [f"{k}: reference gives {flat[k].shape}, config needs "
@@ -361,7 +389,15 @@ def params_from_reference(state_dict: Mapping[str, Any] | str,
              wrong)
     raise ValueError("reference state_dict does not match the config:\n  "
                      + "\n  ".join(lines))
-  return _nest(flat)
+  params = _nest(flat)
+  if text_params is not None:
+    params["text_model"] = text_params
+  return params
+
+
+def _bert_config(config):
+  from decalign_jax.tasks import sentiment  # pylint: disable=g-import-not-at-top
+  return sentiment.text_encoder_config(config)
 
 
 def params_to_reference(params: Mapping[str, Any],
@@ -370,9 +406,14 @@ def params_to_reference(params: Mapping[str, Any],
   """Our Flax params -> a reference `state_dict` (numpy, PyTorch layout)."""
   del config  # the layout is fully determined by the names
   import jax  # pylint: disable=g-import-not-at-top
+  params = dict(params)
+  sd: dict[str, np.ndarray] = {}
+  if "text_model" in params:
+    for k, v in text_loading.state_dict_from_params(
+        params.pop("text_model")).items():
+      sd[_BERT_PREFIX + k] = v
   flat = {"/".join(k.key for k in path): np.asarray(v) for path, v in
           jax.tree_util.tree_flatten_with_path(params)[0]}
-  sd: dict[str, np.ndarray] = {}
   qkv: dict[str, dict[str, np.ndarray]] = {}
   for name, k in flat.items():
     m = _QKV.fullmatch(name)

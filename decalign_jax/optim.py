@@ -44,6 +44,11 @@ def make_optimizer(config: ml_collections.ConfigDict
     return optax.chain(*parts)
 
   groups = list(oc.get("groups", None) or [])
+  if config.model.get("text_model_dir"):
+    if config.model.freeze_text:
+      groups.insert(0, ("text_model/.*", None))
+    elif oc.text_lr is not None:
+      groups.insert(0, ("text_model/.*", oc.text_lr))
   if not groups:
     inner = adam_l2(oc.lr)
   else:

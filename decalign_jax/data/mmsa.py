@@ -239,6 +239,44 @@ def _check_split(
   return arrays
 
 
+def canonical_bert_rows(text_bert: np.ndarray, where: str) -> np.ndarray:
+  """Reorders MMSA `text_bert` rows to (input_ids, attention_mask, segments).
+
+  MMSA files store ids in row 0 but disagree on the order of the other two
+  rows (mask/segments vs segments/mask), and the reference guesses from row
+  sums. A mask row is 0/1, non-increasing along time (1s then 0s), and equals
+  `input_ids != 0` (0 is BERT's [PAD]); exactly one of rows 1 and 2 must be
+  such a row.
+
+  Args:
+    text_bert: `[N, 3, T]` integer array.
+    where: file/split, for error messages.
+
+  Returns:
+    `[N, 3, T]` int32 with rows (ids, mask, segments).
+
+  Raises:
+    DataError: if neither or both rows look like the attention mask.
+  """
+  ids = text_bert[:, 0]
+
+  def is_mask(row):
+    binary = np.isin(row, (0, 1)).all()
+    monotone = (np.diff(row, axis=1) <= 0).all()
+    return bool(binary and monotone and (row == (ids != 0)).all())
+
+  candidates = [r for r in (1, 2) if is_mask(text_bert[:, r])]
+  if len(candidates) != 1:
+    raise DataError(
+        f"{where}: cannot tell which row of 'text_bert' [N, 3, T] is the "
+        f"attention mask (rows matching 0/1, 1s-then-0s and ids != 0: "
+        f"{candidates or 'none'}); expected exactly one of rows 1 and 2")
+  mask_row = candidates[0]
+  seg_row = 3 - mask_row
+  return np.stack([ids, text_bert[:, mask_row], text_bert[:, seg_row]],
+                  axis=1).astype(np.int32)
+
+
 def _read_split(
     arrays: Mapping[str, np.ndarray], path: str, split: str, *,
     train_mode: TrainMode, use_bert: bool) -> Split:
@@ -246,7 +284,7 @@ def _read_split(
   where = _where(path, split)
   n = arrays[_LABEL_KEYS[train_mode]].shape[0]
   if use_bert:
-    text = arrays["text_bert"].astype(np.int64)
+    text = canonical_bert_rows(arrays["text_bert"].astype(np.int64), where)
   else:
     with np.errstate(over="ignore"):  # Overflow is reported just below.
       text = arrays["text"].astype(np.float32, copy=False)

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from decalign_jax.losses import decomposition
 from decalign_jax.losses import pooling
 from decalign_jax.models import align
+from decalign_jax.models import text as text_lib
 from decalign_jax.models import transformer as tfm
 
 MODALITY_KEYS = {"text": "l", "audio": "a", "vision": "v"}
@@ -83,6 +84,9 @@ class DecAlign(nn.Module):
   res_dropout: float = 0.0
   output_dropout: float = 0.0
   text_dropout: float = 0.0
+  # A BERT text backbone: `text` is then [B, 3, T] (ids, mask, segments).
+  text_encoder: text_lib.BertConfig | None = None
+  freeze_text_encoder: bool = False
 
   def _sequence_masks(self, audio, vision):
     if not self.use_sequence_mask:
@@ -96,7 +100,8 @@ class DecAlign(nn.Module):
     """Runs DecAlign.
 
     Args:
-      text: `[B, T_l, d_l]` text features.
+      text: `[B, T_l, d_l]` text features, or `[B, 3, T_l]` int token ids,
+        attention mask and segment ids when `text_encoder` is set.
       audio: `[B, T_a, d_a]` audio features.
       vision: `[B, T_v, d_v]` vision features.
       train: enables dropout (needs a 'dropout' rng).
@@ -111,6 +116,15 @@ class DecAlign(nn.Module):
     chosen = {MODALITY_KEYS[m] for m in self.active_modalities}
     active = tuple(m for m in align.MODALITIES if m in chosen)
     masks = self._sequence_masks(audio, vision)
+    if self.text_encoder is not None:
+      ids, attention, segments = text[:, 0], text[:, 1], text[:, 2]
+      text = text_lib.BertEncoder(self.text_encoder, name="text_model")(
+          ids, attention, segments, train=train)
+      if self.freeze_text_encoder:
+        # No backward pass through the backbone at all.
+        text = jax.lax.stop_gradient(text)
+      if self.use_sequence_mask:
+        masks["l"] = attention.astype(text.dtype)
     text = nn.Dropout(self.text_dropout)(text, det)
     inputs = {"l": text, "a": audio, "v": vision}
     d = self.d_model

@@ -20,11 +20,14 @@ class Task:
     train_batches: `(epoch) -> iterator` over the epoch's training batches.
     steps_per_epoch: training steps in one epoch.
     eval_batches: split name -> `() -> iterable` of padded eval batches.
-    evaluate: `(split, predictions, batches) -> metrics dict`, with
-      predictions already gathered on the host.
+    evaluate: `(split, predictions, labels, masks) -> metrics dict`, on
+      host numpy arrays concatenated over the split's padded batches
+      (`masks` is 0 on padding rows).
     baseline: `(split) -> metrics dict` of the trivial predictor.
     example_batch: a training batch, for shapes.
     info: free-form description printed at start-up.
+    pretrained: `params -> params` replacing parts of a fresh init with
+      pretrained weights (host arrays), applied once before training.
   """
   init_params: Callable[[jax.Array], Any]
   loss_fn: Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
@@ -32,7 +35,9 @@ class Task:
   train_batches: Callable[[int], Iterator[Batch]]
   steps_per_epoch: int
   eval_batches: dict[str, Callable[[], Iterable[Batch]]]
-  evaluate: Callable[[str, list[np.ndarray], list[Batch]], dict[str, float]]
+  evaluate: Callable[[str, np.ndarray, np.ndarray, np.ndarray],
+                     dict[str, float]]
   baseline: Callable[[str], dict[str, float]]
   example_batch: Batch
   info: str = ""
+  pretrained: Callable[[Any], Any] | None = None

@@ -16,15 +16,36 @@ from decalign_jax.data import synthetic
 from decalign_jax.losses import objective
 from decalign_jax.models import align
 from decalign_jax.models import decalign
+from decalign_jax.models import text as text_lib
+from decalign_jax.models import text_loading
 from decalign_jax.tasks import base
 
 MODEL_INPUTS = ("text", "audio", "vision")
 log = logging.getLogger(__name__)
 
 
+def text_encoder_config(config: ml_collections.ConfigDict
+                        ) -> text_lib.BertConfig | None:
+  """The BERT config of `model.text_model_dir`, or None (precomputed text)."""
+  model_dir = config.model.text_model_dir
+  if not model_dir:
+    return None
+  path = os.path.join(model_dir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+        f"config field model.text_model_dir={model_dir!r} has no config.json."
+        " Nothing is downloaded; " + text_loading.HOW_TO_GET_WEIGHTS.replace(
+            "DIR", repr(model_dir)))
+  return text_lib.BertConfig.from_json_file(path)
+
+
 def build_model(config: ml_collections.ConfigDict) -> decalign.DecAlign:
   """The DecAlign module described by `config.model` and `config.data`."""
   mc = config.model
+  bert = text_encoder_config(config)
+  feature_dims = tuple(mc.feature_dims)
+  if bert is not None:
+    feature_dims = (bert.hidden_size,) + feature_dims[1:]
   num_outputs = (config.data.num_classes
                  if config.data.train_mode == "classification" else 1)
   hetero = align.HeteroSettings(
@@ -34,7 +55,7 @@ def build_model(config: ml_collections.ConfigDict) -> decalign.DecAlign:
       cost_reduction=mc.hetero_cost_reduction,
       mahalanobis=mc.local_proto_mahalanobis)
   return decalign.DecAlign(
-      feature_dims=tuple(mc.feature_dims), num_outputs=num_outputs,
+      feature_dims=feature_dims, num_outputs=num_outputs,
       d_model=mc.d_model, num_heads=mc.num_heads, num_layers=mc.num_layers,
       conv_kernels=tuple(mc.conv_kernels), hetero=hetero,
       pde_dim=mc.pde_dim, mmd_bandwidth=mc.mmd_bandwidth,
@@ -45,7 +66,8 @@ def build_model(config: ml_collections.ConfigDict) -> decalign.DecAlign:
       attn_dropout=mc.attn_dropout, attn_dropout_a=mc.attn_dropout_a,
       attn_dropout_v=mc.attn_dropout_v, relu_dropout=mc.relu_dropout,
       embed_dropout=mc.embed_dropout, res_dropout=mc.res_dropout,
-      output_dropout=mc.output_dropout, text_dropout=mc.text_dropout)
+      output_dropout=mc.output_dropout, text_dropout=mc.text_dropout,
+      text_encoder=bert, freeze_text_encoder=mc.freeze_text)
 
 
 def load_splits(config: ml_collections.ConfigDict, workdir: str
@@ -69,7 +91,8 @@ def load_splits(config: ml_collections.ConfigDict, workdir: str
         "config field data.path is empty: give the MMSA pickle with "
         "--config.data.path=/path/to/file.pkl")
   return mmsa.load_mmsa(
-      path, train_mode=dc.train_mode, use_bert=False,
+      path, train_mode=dc.train_mode,
+      use_bert=bool(config.model.text_model_dir),
       feature_dims=tuple(config.model.feature_dims),
       num_classes=dc.num_classes if dc.train_mode == "classification"
       else None,
@@ -107,8 +130,17 @@ def make_task(config: ml_collections.ConfigDict, workdir: str, *,
 
   def init_params(rng):
     shapes = {k: np.zeros((1,) + getattr(train_split, k).shape[1:],
-                          np.float32) for k in MODEL_INPUTS}
+                          np.int32 if getattr(train_split, k).dtype.kind in
+                          "iu" else np.float32) for k in MODEL_INPUTS}
     return model.init({"params": rng}, *_model_inputs(shapes))["params"]
+
+  def pretrained(params):
+    # Host-side: the backbone's weights replace its random init.
+    if not config.model.text_model_dir:
+      return params
+    _, bert_params = text_loading.load_pretrained(
+        config.model.text_model_dir)
+    return dict(params, text_model=bert_params)
 
   def loss_fn(params, batch, rng, train):
     logits, aux = model.apply(
@@ -130,20 +162,17 @@ def make_task(config: ml_collections.ConfigDict, workdir: str, *,
 
   def eval_batches(name):
     return lambda: pipeline.make_eval_batches(
-        splits[name], batch_size=config.eval.batch_size or batch_size)
-
-  def gather(preds, batches):
-    keep = np.concatenate([b["_mask"] > 0 for b in batches])
-    y_pred = np.concatenate([np.asarray(p) for p in preds])[keep]
-    y_true = np.concatenate([b["label"] for b in batches])[keep]
-    return y_pred, y_true
+        splits[name], batch_size=config.eval.batch_size or batch_size,
+        shard_index=shard_index, shard_count=shard_count)
 
   def main_loss(y_pred, y_true):
     return float(objective.task_loss(
         jnp.asarray(y_pred), jnp.asarray(y_true), lc, train_mode=train_mode))
 
-  def evaluate(name, preds, batches):
-    y_pred, y_true = gather(preds, batches)
+  def evaluate(name, preds, labels, masks):
+    del name
+    keep = masks > 0
+    y_pred, y_true = preds[keep], labels[keep]
     results = metrics_fn(y_pred, y_true)
     # Sample-weighted mean; the reference averages per-batch means.
     results["loss"] = main_loss(y_pred, y_true)
@@ -162,10 +191,15 @@ def make_task(config: ml_collections.ConfigDict, workdir: str, *,
   info = (f"DecAlign on {dc.source}:{dc.dataset} ({train_mode}); "
           f"train/valid/test = " + "/".join(
               str(splits[k].num_examples) for k in ("train", "valid", "test"))
-          + f"; precomputed text features {train_split.text.shape[1:]}")
+          + ("; text: fine-tuning the BERT backbone in "
+             f"{config.model.text_model_dir} on `text_bert` ids"
+             + (" (frozen)" if config.model.freeze_text else "")
+             if config.model.text_model_dir else
+             f"; text: precomputed features {train_split.text.shape[1:]}"))
   return base.Task(
       init_params=init_params, loss_fn=loss_fn, predict_fn=predict_fn,
       train_batches=train_batches,
       steps_per_epoch=pipeline.steps_per_epoch(train_split, batch_size),
       eval_batches={k: eval_batches(k) for k in ("valid", "test")},
-      evaluate=evaluate, baseline=baseline, example_batch=example, info=info)
+      evaluate=evaluate, baseline=baseline, example_batch=example, info=info,
+      pretrained=pretrained)

@@ -104,17 +104,47 @@ def test_lengths_default_to_full_and_clip(tmp_path, raw):
   assert s["test"].ids[0] == "test_0"
 
 
-def test_use_bert_reads_token_ids(tmp_path, raw):
+def _bert_rows(n, order, seed=0):
+  rng = np.random.default_rng(seed)
+  lengths = rng.integers(2, _T + 1, size=n)
+  mask = (np.arange(_T)[None] < lengths[:, None]).astype(np.int64)
+  ids = rng.integers(100, 1000, size=(n, _T)) * mask
+  segments = np.zeros((n, _T), np.int64)
+  rows = {"ids": ids, "mask": mask, "segments": segments}
+  return np.stack([rows[k] for k in order], axis=1), rows
+
+
+def test_use_bert_canonicalizes_row_order(tmp_path, raw):
+  expected = {}
   for name, n in _SIZES.items():
-    ids = np.arange(n * 3 * _T).reshape(n, 3, _T)
+    # MMSA files disagree on the order of the mask and segment rows.
+    order = (("ids", "segments", "mask") if name == "train"
+             else ("ids", "mask", "segments"))
+    text_bert, rows = _bert_rows(n, order)
     # MMSA stores ids as floats; integral floats are accepted.
-    raw[name]["text_bert"] = ids.astype(np.float64 if name == "train"
-                                        else np.int64)
+    raw[name]["text_bert"] = text_bert.astype(
+        np.float64 if name == "train" else np.int64)
+    expected[name] = np.stack([rows["ids"], rows["mask"], rows["segments"]],
+                              axis=1)
   s = mmsa.load_mmsa(_write(tmp_path, raw), use_bert=True,
                      feature_dims=(768,) + _DIMS[1:])
-  assert s["train"].text.dtype == np.int64
-  assert s["train"].text.shape == (_SIZES["train"], 3, _T)
-  np.testing.assert_array_equal(s["valid"].text, raw["valid"]["text_bert"])
+  for name in _SIZES:
+    assert s[name].text.dtype == np.int32
+    np.testing.assert_array_equal(s[name].text, expected[name])
+
+
+def test_use_bert_ambiguous_mask_row_is_an_error(tmp_path, raw):
+  for name, n in _SIZES.items():
+    text_bert, rows = _bert_rows(n, ("ids", "mask", "mask"))
+    raw[name]["text_bert"] = text_bert
+  with pytest.raises(mmsa.DataError, match="attention mask.*\\[1, 2\\]"):
+    mmsa.load_mmsa(_write(tmp_path, raw), use_bert=True,
+                   feature_dims=(768,) + _DIMS[1:])
+  for name, n in _SIZES.items():
+    raw[name]["text_bert"] = np.ones((n, 3, _T), np.int64) * 5
+  with pytest.raises(mmsa.DataError, match="attention mask.*none"):
+    mmsa.load_mmsa(_write(tmp_path, raw), use_bert=True,
+                   feature_dims=(768,) + _DIMS[1:])
 
 
 def _brute_force_standardize(train, other, lo_pct, hi_pct):
