@@ -7,13 +7,16 @@ MOSI-like dims (768/5/20) and length 50 with planted shared and
 modality-unique factors. They are synthetic, not a benchmark. The model is
 the MOSI architecture at a CPU-friendly width so the run takes a few minutes
 on 2 cores.
+
+`configs/synthetic.py:tiny` is a seconds-long smoke-test variant (tiny data
+and model), used by the tests and the multi-process launcher check.
 """
 
 from configs import mosi
 
 
 def get_config(arg=None):
-  c = mosi.get_config(arg)
+  c = mosi.get_config()
   c.data.source = "synthetic"
   c.seeds = ()
   c.seed = 0
@@ -26,4 +29,16 @@ def get_config(arg=None):
   m.pde_dim = 32
   c.optim.lr = 1e-3
   c.log_training_steps = 8
+  if arg == "tiny":
+    c.data.synthetic.update(num_train=64, num_valid=24, num_test=24,
+                            seq_len=6)
+    m.feature_dims = (16, 5, 7)
+    m.d_model, m.num_heads, m.num_layers = 8, 2, 1
+    m.pde_dim, m.num_prototypes = 8, 3
+    c.batch_size = 16
+    c.num_epochs = 2
+    c.log_training_steps = 2
+  elif arg:
+    raise ValueError(f"configs/synthetic.py: unknown variant {arg!r} "
+                     "(only 'tiny')")
   return c

@@ -6,7 +6,8 @@ are replicated.
 """
 
 import os
-from typing import Any, Sequence
+import re
+from typing import Any, Literal, Sequence
 
 import jax
 import numpy as np
@@ -15,7 +16,9 @@ P = jax.sharding.PartitionSpec
 DATA_AXES = ("data", "fsdp")
 
 
-def make_mesh(axes: Sequence[tuple[str, int]]) -> jax.sharding.Mesh:
+def make_mesh(axes: Sequence[tuple[str, int]],
+              devices: Sequence[jax.Device] | None = None
+              ) -> jax.sharding.Mesh:
   """Builds the mesh over all devices.
 
   Axis types are Explicit-free on purpose: we use `Auto` so that jit with
@@ -24,13 +27,15 @@ def make_mesh(axes: Sequence[tuple[str, int]]) -> jax.sharding.Mesh:
 
   Args:
     axes: e.g. `[("data", -1)]`.
+    devices: default all devices.
 
   Returns:
     the mesh.
   """
   names = tuple(name for name, _ in axes)
   sizes = [int(size) for _, size in axes]
-  n = jax.device_count()
+  devices = list(devices) if devices is not None else jax.devices()
+  n = len(devices)
   if sizes.count(-1) > 1:
     raise ValueError(f"config.mesh={list(axes)}: at most one -1 axis")
   known = int(np.prod([s for s in sizes if s != -1]))
@@ -44,7 +49,7 @@ def make_mesh(axes: Sequence[tuple[str, int]]) -> jax.sharding.Mesh:
                      f"devices, have {n}")
   return jax.make_mesh(
       tuple(sizes), names,
-      axis_types=(jax.sharding.AxisType.Auto,) * len(names))
+      axis_types=(jax.sharding.AxisType.Auto,) * len(names), devices=devices)
 
 
 def data_sharding(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
@@ -55,6 +60,62 @@ def data_sharding(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
 
 def replicated(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
   return jax.sharding.NamedSharding(mesh, P())
+
+
+def _fsdp_spec(shape: tuple[int, ...], size: int) -> P:
+  """Shards the largest axis divisible by `size` over 'fsdp'."""
+  best = None
+  for axis in sorted(range(len(shape)), key=lambda a: -shape[a]):
+    if shape[axis] % size == 0 and shape[axis] >= size:
+      best = axis
+      break
+  if best is None:
+    return P()
+  spec = [None] * len(shape)
+  spec[best] = "fsdp"
+  return P(*spec)
+
+
+def state_shardings(tree: Any, mesh: jax.sharding.Mesh,
+                    rules: Sequence[tuple[str, Literal["replicate", "fsdp"]]]
+                    ) -> Any:
+  """NamedShardings for a (possibly abstract) state by regex rules.
+
+  Each leaf's '/'-joined path is matched against the rules in order (first
+  full match wins; no match means replicate). "fsdp" shards the leaf's
+  largest axis divisible by the mesh's 'fsdp' size, so parameters and their
+  Adam moments are split the same way; XLA inserts the all-gathers.
+
+  Args:
+    tree: pytree of arrays or ShapeDtypeStructs.
+    mesh: the mesh.
+    rules: `[(regex, "replicate" | "fsdp"), ...]`.
+
+  Returns:
+    a pytree of NamedShardings with the structure of `tree`.
+  """
+  compiled = []
+  for rx, strategy in rules:
+    if strategy not in ("replicate", "fsdp"):
+      raise ValueError(f"config.sharding_rules: unknown strategy "
+                       f"{strategy!r} for {rx!r} (replicate | fsdp)")
+    if strategy == "fsdp" and "fsdp" not in mesh.axis_names:
+      raise ValueError("config.sharding_rules uses 'fsdp' but config.mesh "
+                       f"has axes {mesh.axis_names}")
+    compiled.append((re.compile(rx), strategy))
+
+  def one(path, leaf):
+    name = "/".join(str(getattr(k, "key", getattr(k, "name", getattr(
+        k, "idx", k)))) for k in path)
+    for rx, strategy in compiled:
+      if rx.fullmatch(name):
+        if strategy == "fsdp":
+          return jax.sharding.NamedSharding(
+              mesh, _fsdp_spec(tuple(leaf.shape), mesh.shape["fsdp"]))
+        break
+    return jax.sharding.NamedSharding(mesh, P())
+
+  return jax.tree_util.tree_map_with_path(one, tree)
 
 
 def put_batch(batch: dict[str, Any], sharding: jax.sharding.NamedSharding
@@ -70,6 +131,23 @@ def put_batch(batch: dict[str, Any], sharding: jax.sharding.NamedSharding
   }
 
 
+def to_host(tree: Any) -> Any:
+  """Numpy copies of replicated (or fully addressable) arrays.
+
+  Works in multi-process runs, where a replicated global array is not fully
+  addressable but every process holds a full copy.
+  """
+  def one(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      if not x.sharding.is_fully_replicated:
+        raise ValueError("to_host needs replicated arrays in multi-process "
+                         f"runs, got sharding {x.sharding}")
+      return np.asarray(x.addressable_data(0))
+    return np.asarray(x)
+
+  return jax.tree.map(one, tree)
+
+
 def maybe_initialize_distributed() -> None:
   """Calls `jax.distributed.initialize` when launched as several processes.
 
@@ -78,6 +156,9 @@ def maybe_initialize_distributed() -> None:
   when DECALIGN_DISTRIBUTED=1.
   """
   if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+    if os.environ.get("JAX_PLATFORMS") == "cpu":
+      # Cross-process collectives on CPU need an implementation (loopback).
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(
         coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
         num_processes=int(os.environ["JAX_NUM_PROCESSES"]),

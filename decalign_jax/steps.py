@@ -59,9 +59,13 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *,
 
 def eval_step(params: Any, batch: dict[str, jax.Array], *,
               predict_fn: Callable[[Any, dict[str, jax.Array]], jax.Array]
-              ) -> jax.Array:
-  """Predictions for one (possibly padded) batch."""
-  return predict_fn(params, batch)
+              ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(predictions, labels, validity mask) of one (possibly padded) batch.
+
+  Labels and mask travel with the predictions so that, with replicated
+  outputs, every process holds the global batch's values.
+  """
+  return predict_fn(params, batch), batch["label"], batch["_mask"]
 
 
 def init_train_state(params: Any, tx: optax.GradientTransformation,

@@ -72,12 +72,20 @@ class _MetricWriter:
 
 
 def _predict_all(eval_fn, params, batches, data_sharding):
-  preds, kept = [], []
-  for batch in batches:
-    kept.append(batch)
-    preds.append(eval_fn(params, sharding.put_batch(batch, data_sharding)))
+  outs = [eval_fn(params, sharding.put_batch(b, data_sharding))
+          for b in batches]
   # One host transfer after the loop rather than one per batch.
-  return [np.asarray(p) for p in jax.device_get(preds)], kept
+  outs = sharding.to_host(outs)
+  return tuple(np.concatenate([o[i] for o in outs]) for i in range(3))
+
+
+def _replace_params(state, params, state_sharding, tx, plateau):
+  """A fresh state (step 0, new optimizer state) around host `params`."""
+  params = jax.device_put(jax.tree.map(jnp.asarray, params),
+                          state_sharding.params)
+  return jax.jit(
+      lambda p, r: steps.init_train_state(p, tx, plateau, r),
+      out_shardings=state_sharding)(params, state.rng)
 
 
 def run_one(config: ml_collections.ConfigDict, workdir: str, *,
@@ -115,13 +123,16 @@ def run_one(config: ml_collections.ConfigDict, workdir: str, *,
     return steps.init_train_state(task.init_params(r), tx, plateau, state_rng)
 
   abstract = jax.eval_shape(init_state, init_rng)
-  state_sharding = jax.tree.map(lambda _: repl, abstract)
+  state_sharding = sharding.state_shardings(abstract, mesh,
+                                            config.sharding_rules)
   state = jax.jit(init_state, out_shardings=state_sharding)(init_rng)
+  if task.pretrained is not None:
+    params = task.pretrained(state.params)
+    state = _replace_params(state, params, state_sharding, tx, plateau)
   if config.init_from:
     from decalign_jax import convert  # pylint: disable=g-import-not-at-top
     params = convert.params_from_reference(config.init_from, config)
-    state = state.replace(params=jax.device_put(
-        jax.tree.map(jnp.asarray, params), repl))
+    state = _replace_params(state, params, state_sharding, tx, plateau)
 
   sel_name, sel_mode = _selection(config)
   sched_name = config.scheduler_metric or sel_name
@@ -146,16 +157,18 @@ def run_one(config: ml_collections.ConfigDict, workdir: str, *,
   writer = _MetricWriter(workdir)
 
   def evaluate(params, split):
-    preds, batches = _predict_all(eval_fn, params, task.eval_batches[split](),
-                                  data_sharding)
-    return task.evaluate(split, preds, batches)
+    preds, labels, masks = _predict_all(
+        eval_fn, params, task.eval_batches[split](), data_sharding)
+    return task.evaluate(split, preds, labels, masks)
 
   if mode == "train":
     total_steps = config.num_epochs * task.steps_per_epoch
-    bar = tqdm.tqdm(total=total_steps, initial=int(state.step),
+    # Checkpoints are taken at epoch ends, so the step is known on the host
+    # (reading state.step would not work across processes).
+    step = meta["epoch"] * task.steps_per_epoch
+    bar = tqdm.tqdm(total=total_steps, initial=step,
                     desc=os.path.basename(os.path.normpath(workdir)),
                     disable=jax.process_index() != 0, dynamic_ncols=True)
-    step = int(state.step)
     for epoch in range(meta["epoch"], config.num_epochs):
       if epoch - meta["best_epoch"] >= config.early_stop_patience and (
           meta["best_score"] is not None):
@@ -167,7 +180,8 @@ def run_one(config: ml_collections.ConfigDict, workdir: str, *,
         step += 1  # a host counter: reading state.step would sync
         bar.update(1)
         if step % config.log_training_steps == 0:
-          m = {k: float(v) for k, v in jax.device_get(measurements).items()}
+          m = {k: float(v) for k, v in
+               sharding.to_host(measurements).items()}
           if not all(math.isfinite(v) for v in m.values()):
             raise TrainingError(
                 f"non-finite training measurements at step {step}: {m}")
