@@ -110,7 +110,34 @@ def _make_split(
       np.float32)[:, None]
   out["id"] = np.array([f"synthetic_{split}_{i:05d}" for i in range(n)])
   out["raw_text"] = np.array([f"synthetic sample {i}" for i in range(n)])
+  # Drawn last so the other arrays do not depend on it.
+  out["text_bert"] = _text_bert(
+      rng, np.concatenate([shared, unique[0]], 1), seq_len)
   return out
+
+
+def _text_bert(rng: np.random.Generator, factors: np.ndarray,
+               seq_len: int) -> np.ndarray:
+  """MMSA-style `[N, 3, T]` (ids, mask, segments) spelling the text factors.
+
+  Token t (after [CLS]) names factor t mod F and a noisy 8-level bucket of
+  its value, as word id 2000 + 8 * factor + bucket (ids valid in any
+  BERT-base-sized vocabulary); then [SEP] and [PAD] = 0 to a random length.
+  """
+  n, f = factors.shape
+  body = seq_len - 2
+  which = np.arange(body) % f
+  noisy = factors[:, which] + 0.3 * rng.standard_normal((n, body))
+  bucket = np.clip(np.floor((noisy + 2.0) * 2.0), 0, 7).astype(np.int64)
+  words = 2000 + 8 * which[None, :] + bucket
+  lengths = rng.integers(max(1, body // 2), body + 1, n)
+  keep = np.arange(body)[None, :] < lengths[:, None]
+  ids = np.zeros((n, seq_len), np.int64)
+  ids[:, 0] = 101  # [CLS]
+  ids[:, 1:-1] = np.where(keep, words, 0)
+  ids[np.arange(n), lengths + 1] = 102  # [SEP]
+  mask = (ids != 0).astype(np.int64)
+  return np.stack([ids, mask, np.zeros_like(ids)], axis=1)
 
 
 def make_synthetic_mmsa(

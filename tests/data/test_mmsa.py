@@ -227,7 +227,7 @@ _BAD_CONTENT = {
     "missing_key": (_delete("train", "audio"), {},
                     r"split 'train': missing key 'audio'; keys present: "
                     r"\[.*'vision'"),
-    "missing_bert_key": (lambda raw: None, {"use_bert": True},
+    "missing_bert_key": (_delete("train", "text_bert"), {"use_bert": True},
                          r"split 'train': missing key 'text_bert'"),
     "missing_label_key": (_delete("valid", "classification_labels"),
                           {"train_mode": "classification"},
