@@ -17,8 +17,14 @@ ARGS = [sys.executable, "-m", "decalign_jax.train", "--config",
 def _final_params(workdir):
   latest = os.path.join(workdir, "ckpt", "latest")
   (step,) = os.listdir(latest)
-  state = ocp.StandardCheckpointer().restore(
-      os.path.join(latest, step, "state"))
+  path = os.path.join(latest, step, "state")
+  checkpointer = ocp.StandardCheckpointer()
+  # The writers' devices differ from ours: restore onto one local device.
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+      checkpointer.metadata(path).item_metadata.tree)
+  state = checkpointer.restore(path, target)
   return jax.tree.map(np.asarray, state["params"])
 
 
@@ -41,5 +47,12 @@ def test_two_processes_match_one(tmp_path):
   leaves_m = jax.tree_util.tree_leaves_with_path(p_multi)
   leaves_s = jax.tree.leaves(p_single)
   assert len(leaves_m) == len(leaves_s)
+  # Same data, same dropout masks, same steps: the only difference left is
+  # the summation order of gloo's cross-process all-reduce (last-ulp level;
+  # a different global batch order would show up as ~1e-2).
+  # The attention key bias has a zero true gradient: Adam turns its rounding
+  # noise into steps of ~lr, so it can only be compared to that size.
   for (path, a), b in zip(leaves_m, leaves_s):
-    np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+    name = jax.tree_util.keystr(path)
+    atol = 4 * 1e-3 if "k_proj" in name and "bias" in name else 1e-7
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=atol, err_msg=name)

@@ -33,6 +33,23 @@ _FEATURE_KEYS = ("text", "audio", "vision", "label")
 DEFAULT_READ_OPTIONS = grain.ReadOptions(num_threads=1, prefetch_buffer_size=4)
 
 
+class ProcessBlock(grain.transforms.Map):
+  """This process's contiguous block of a global batch's positions.
+
+  `jax.make_array_from_process_local_data` lays process p's rows at
+  [p*B/P, (p+1)*B/P) of the global batch, so contiguous blocks make the
+  global batch identical to the single-process one (row order matters: the
+  GMM initialisation picks rows by index, and dropout masks are per row).
+  """
+
+  def __init__(self, shard_index: int, shard_count: int):
+    self._index, self._count = shard_index, shard_count
+
+  def map(self, positions: np.ndarray) -> np.ndarray:
+    size = len(positions) // self._count
+    return positions[self._index * size:(self._index + 1) * size]
+
+
 class GatherRows(grain.transforms.Map):
   """Maps a [B] vector of split positions to a batch dict.
 
@@ -104,8 +121,8 @@ def make_train_iterator(
 
   Each epoch is reshuffled (grain folds the epoch into `seed`) and drops its
   last N % batch_size samples. Process `shard_index` of `shard_count` gets
-  rows shard_index, shard_index + shard_count, ... of every global batch, so
-  the union over processes is the same global batch for any process count.
+  the contiguous block `ProcessBlock` of every global batch, so the
+  assembled global batch is the same, row for row, for any process count.
 
   Args:
     split: the training split.
@@ -130,8 +147,8 @@ def make_train_iterator(
       # Drop the remainder before sharding so every process has `steps`
       # batches and the shards of batch k partition global batch k.
       .slice(slice(0, steps * batch_size))
-      .slice(slice(shard_index, None, shard_count))
-      .batch(batch_size // shard_count, drop_remainder=True)
+      .batch(batch_size, drop_remainder=True)
+      .map(ProcessBlock(shard_index, shard_count))
       .map(GatherRows(split))
       .repeat(num_epochs)
   )
@@ -154,8 +171,8 @@ def make_eval_batches(
 
   Every sample appears exactly once with `_mask` 1 (across processes), and
   every batch has the same shape, so the eval step compiles once. Sharding
-  matches `make_train_iterator`: process `shard_index` gets rows
-  shard_index, shard_index + shard_count, ... of each global batch.
+  matches `make_train_iterator`: process `shard_index` gets its contiguous
+  block of each global batch.
 
   Args:
     split: the split to score.
@@ -172,8 +189,8 @@ def make_eval_batches(
   num_batches = num_eval_batches(split, batch_size)
   ds = (
       grain.MapDataset.range(num_batches * batch_size)
-      .slice(slice(shard_index, None, shard_count))
-      .batch(batch_size // shard_count)
+      .batch(batch_size)
+      .map(ProcessBlock(shard_index, shard_count))
       .map(GatherRows(split))
   )
   return ds.to_iter_dataset(read_options)
