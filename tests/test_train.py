@@ -153,3 +153,23 @@ def test_cli_unknown_config_field(tmp_path):
   assert proc.returncode != 0
   assert "bogus_field" in proc.stderr
   assert not workdir.exists()
+
+
+def test_iemocap_config_trains_on_a_classification_pickle(tmp_path):
+  sys.path.insert(0, REPO)
+  from configs import iemocap  # pylint: disable=g-import-not-at-top
+  path = synthetic.write_synthetic_mmsa(
+      str(tmp_path / "iemocap.pkl"), num_train=48, num_valid=16,
+      num_test=16, seq_len=4, feature_dims=(24, 12, 20),
+      train_mode="classification", num_classes=6)
+  c = iemocap.get_config()
+  c.data.path = path
+  c.seeds = ()
+  c.model.feature_dims = (24, 12, 20)
+  c.model.d_model, c.model.num_layers, c.model.pde_dim = 8, 1, 8
+  c.num_epochs, c.batch_size = 1, 16
+  results = train.train_and_evaluate(c, str(tmp_path / "w"))
+  assert set(results["test"]) >= {"Acc", "Weighted_F1", "WAF1", "loss"}
+  assert results["selection_metric"] == "WAF1"
+  # The baseline predicts the majority training class.
+  assert 0 < results["baseline"]["Acc"] < 0.5
