@@ -1,0 +1,287 @@
+r"""Training-step and eval-forward throughput of DecAlign on MOSI shapes.
+
+  python benchmarks/train_step.py --batch 32
+  python benchmarks/train_step.py --batch 512 --steps 10 --ot-mode reference
+
+Builds `configs/mosi.py` (d_model 64, 8 heads, 5 layers, 7 prototypes,
+T = 50, feature dims 768/5/20), a synthetic in-memory split, the task from
+`tasks.sentiment.make_task`, and the train step jitted exactly as `train.py`
+does (state donated, shardings over the config's mesh). The same batch is
+reused every step, as in the reference PyTorch bench, and each step is timed
+to completion (`block_until_ready` on the measurements, as its `loss.item()`).
+
+Prints one JSON line: step-time median/p10/p90, samples/s, the eval forward
+(jitted predict, eval mode), the XLA cost-analysis FLOPs of the step, the
+achieved GFLOP/s and MFU against `--peak-gflops` (this CPU's float32 matmul
+peak), and the reference numbers for the same batch size read from
+`benchmarks/bench_reference_cpu_malloc_{retain,default}.json`.
+
+The XLA FLOP count includes elementwise work; `model_flops_per_step` is the
+analytic matmul count (3x the forward's: one forward, two backward matmuls),
+the usual MFU numerator.
+"""
+
+import argparse
+import functools
+import json
+import os
+import platform
+import sys
+import time
+
+import jax
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+from configs import mosi  # noqa: E402  pylint: disable=g-import-not-at-top
+from decalign_jax import optim  # noqa: E402
+from decalign_jax import sharding  # noqa: E402
+from decalign_jax import steps  # noqa: E402
+from decalign_jax.data import mmsa  # noqa: E402
+from decalign_jax.tasks import sentiment  # noqa: E402
+
+SEQ_LEN = 50  # MOSI aligned_50
+REFERENCE_FILES = {
+    "retain": os.path.join(ROOT, "benchmarks",
+                           "bench_reference_cpu_malloc_retain.json"),
+    "default": os.path.join(ROOT, "benchmarks",
+                            "bench_reference_cpu_malloc_default.json"),
+}
+
+
+def make_split(num: int, seq_len: int, dims, seed: int) -> mmsa.Split:
+  """A random in-memory split: normal features, labels uniform in [-3, 3]."""
+  rs = np.random.default_rng(seed)
+  feats = [rs.standard_normal((num, seq_len, d)).astype(np.float32)
+           for d in dims]
+  return mmsa.Split(
+      text=feats[0], audio=feats[1], vision=feats[2],
+      label=rs.uniform(-3.0, 3.0, num).astype(np.float32),
+      audio_lengths=np.full((num,), seq_len, np.int32),
+      vision_lengths=np.full((num,), seq_len, np.int32),
+      ids=np.array([f"s{i}" for i in range(num)], dtype=object))
+
+
+def model_matmul_flops(batch: int, seq_len: int, dims, d: int,
+                       num_layers: int, pde_dim: int) -> int:
+  """Analytic forward matmul FLOPs (2 per multiply-add) of DecAlign."""
+  bt = batch * seq_len
+  flops = 2 * bt * d * sum(dims)  # input projections (kernel 1 convs)
+  flops += 6 * 2 * bt * d * d  # encoder_uni_* and encoder_com
+  ctx = 2 * seq_len  # cross-modal: keys/values = the two other modalities
+  per_layer = (2 * bt * d * d * 2  # q and out projections
+               + 2 * batch * ctx * d * d * 2  # k, v projections
+               + 2 * bt * ctx * d * 2  # q.k logits and weights.v
+               + 2 * bt * d * 4 * d * 2)  # fc1, fc2
+  flops += 3 * num_layers * per_layer
+  flops += 3 * (2 * batch * d * d + 2 * batch * d * pde_dim)  # pde heads
+  flops += 2 * batch * 6 * d * batch  # SupCon similarity
+  return flops
+
+
+def reference_numbers(batch: int) -> dict:
+  out = {}
+  for mode, path in REFERENCE_FILES.items():
+    if not os.path.exists(path):
+      continue
+    with open(path) as f:
+      data = json.load(f)
+    for r in data["results"]:
+      if r["batch"] == batch:
+        out[mode] = {k: r[k] for k in (
+            "train_samples_per_s", "train_step_ms_median",
+            "eval_samples_per_s")}
+  return out
+
+
+def percentiles(times_s):
+  ms = 1e3 * np.asarray(times_s)
+  return (float(np.median(ms)), float(np.percentile(ms, 10)),
+          float(np.percentile(ms, 90)))
+
+
+def cost_flops(compiled) -> float | None:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # older jax: one dict per program
+    cost = cost[0] if cost else None
+  if not cost:
+    return None
+  return float(cost.get("flops", 0.0)) or None
+
+
+def build(batch_size: int, ot_mode: str = "ott", seed: int = 0,
+          config=None):
+  """The MOSI task, train state, device batch and jitted steps.
+
+  Args:
+    batch_size: global batch.
+    ot_mode: 'ott' or 'reference'.
+    seed: data seed.
+    config: a config to use instead of `configs/mosi.py`.
+
+  Returns:
+    dict with `config, task, state, batch, train_fn, eval_fn, n_params`.
+  """
+  jax.config.update("jax_threefry_partitionable", True)
+  config = config if config is not None else mosi.get_config()
+  config.batch_size = batch_size
+  config.model.ot_mode = ot_mode
+  mc = config.model
+  dims = tuple(mc.feature_dims)
+  splits = {name: make_split(batch_size, SEQ_LEN, dims, seed + i)
+            for i, name in enumerate(("train", "valid", "test"))}
+  task = sentiment.make_task(config, "/tmp", splits=splits)
+
+  mesh = sharding.make_mesh(config.mesh)
+  data_sharding = sharding.data_sharding(mesh)
+  repl = sharding.replicated(mesh)
+  tx = optim.make_optimizer(config)
+  plateau = optim.make_plateau(config)
+  init_rng, state_rng = jax.random.split(jax.random.key(config.seed))
+
+  def init_state(r):
+    return steps.init_train_state(task.init_params(r), tx, plateau, state_rng)
+
+  abstract = jax.eval_shape(init_state, init_rng)
+  state_sharding = jax.tree.map(lambda _: repl, abstract)
+  state = jax.jit(init_state, out_shardings=state_sharding)(init_rng)
+  n_params = sum(int(np.prod(x.shape))
+                 for x in jax.tree.leaves(abstract.params))
+  batch = sharding.put_batch(task.example_batch, data_sharding)
+
+  # As train.py.
+  train_fn = jax.jit(
+      functools.partial(steps.train_step, loss_fn=task.loss_fn, tx=tx),
+      in_shardings=(state_sharding, data_sharding),
+      out_shardings=(state_sharding, repl), donate_argnums=(0,))
+  eval_fn = jax.jit(
+      functools.partial(steps.eval_step, predict_fn=task.predict_fn),
+      in_shardings=(state_sharding.params, data_sharding), out_shardings=repl)
+  return dict(config=config, task=task, state=state, batch=batch,
+              train_fn=train_fn, eval_fn=eval_fn, n_params=n_params)
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--batch", type=int, default=32)
+  p.add_argument("--steps", type=int, default=20, help="timed train steps")
+  p.add_argument("--warmup", type=int, default=3)
+  p.add_argument("--eval-steps", type=int, default=20)
+  p.add_argument("--ot-mode", choices=("ott", "reference"), default="ott")
+  p.add_argument("--dtype", choices=("float32",), default="float32")
+  p.add_argument("--peak-gflops", type=float, default=440.0,
+                 help="float32 matmul peak of this machine, GFLOP/s")
+  p.add_argument("--seed", type=int, default=0)
+  args = p.parse_args(argv)
+
+  load_start = os.getloadavg()[0]
+  b = build(args.batch, args.ot_mode, args.seed)
+  config, state, batch = b["config"], b["state"], b["batch"]
+  train_fn, eval_fn, n_params = b["train_fn"], b["eval_fn"], b["n_params"]
+  mc = config.model
+  dims = tuple(mc.feature_dims)
+  seq_len = SEQ_LEN
+
+  t0 = time.perf_counter()
+  lowered = train_fn.lower(state, batch)
+  t1 = time.perf_counter()
+  compiled = lowered.compile()
+  t2 = time.perf_counter()
+  xla_flops = cost_flops(compiled)
+
+  # Time the jitted function itself (the path train.py uses). jax reuses the
+  # executable compiled above, so first_call_s is one step plus first-touch
+  # allocation, and jit_cache_entries stays 1 (no recompilation).
+  t = time.perf_counter()
+  state, meas = train_fn(state, batch)
+  jax.block_until_ready(meas)
+  first_call_s = time.perf_counter() - t
+  losses = [float(meas["loss"])]
+  for _ in range(args.warmup - 1):
+    state, meas = train_fn(state, batch)
+    losses.append(float(meas["loss"]))
+  # Process CPU time (all threads) per step as well: on a shared machine the
+  # wall time includes waiting for other processes, the CPU time does not.
+  times, cpu_times = [], []
+  for _ in range(args.steps):
+    t, c = time.perf_counter(), time.process_time()
+    state, meas = train_fn(state, batch)
+    jax.block_until_ready(meas)
+    times.append(time.perf_counter() - t)
+    cpu_times.append(time.process_time() - c)
+    losses.append(float(meas["loss"]))
+  cache_size = train_fn._cache_size()  # pylint: disable=protected-access
+  med, p10, p90 = percentiles(times)
+
+  params = state.params
+  t = time.perf_counter()
+  jax.block_until_ready(eval_fn(params, batch))
+  eval_compile_s = time.perf_counter() - t
+  etimes = []
+  for _ in range(args.eval_steps):
+    t = time.perf_counter()
+    jax.block_until_ready(eval_fn(params, batch))
+    etimes.append(time.perf_counter() - t)
+  emed, ep10, ep90 = percentiles(etimes)
+
+  model_flops = 3 * model_matmul_flops(args.batch, seq_len, dims, mc.d_model,
+                                       mc.num_layers, mc.pde_dim)
+  samples_per_s = args.batch / (med / 1e3)
+  ref = reference_numbers(args.batch)
+  result = {
+      "bench": "decalign_jax_train_step",
+      "batch": args.batch,
+      "ot_mode": args.ot_mode,
+      "dtype": args.dtype,
+      "n_params": n_params,
+      "lower_s": round(t1 - t0, 3),
+      "compile_s": round(t2 - t1, 3),
+      "first_call_s": round(first_call_s, 3),
+      "jit_cache_entries": cache_size,
+      "timed_steps": args.steps,
+      "train_step_ms_median": round(med, 3),
+      "train_step_ms_p10": round(p10, 3),
+      "train_step_ms_p90": round(p90, 3),
+      "train_step_cpu_ms_median": round(1e3 * float(np.median(cpu_times)), 3),
+      "train_steps_per_s": round(1e3 / med, 4),
+      "train_samples_per_s": round(samples_per_s, 2),
+      "eval_forward_ms_median": round(emed, 3),
+      "eval_forward_ms_p10": round(ep10, 3),
+      "eval_forward_ms_p90": round(ep90, 3),
+      "eval_forward_samples_per_s": round(args.batch / (emed / 1e3), 2),
+      "eval_compile_s": round(eval_compile_s, 3),
+      "flops_per_step": xla_flops,
+      "achieved_gflops": (round(xla_flops / (med / 1e3) / 1e9, 2)
+                          if xla_flops else None),
+      "mfu": (round(xla_flops / (med / 1e3) / 1e9 / args.peak_gflops, 4)
+              if xla_flops else None),
+      "model_flops_per_step": model_flops,
+      "model_gflops": round(model_flops / (med / 1e3) / 1e9, 2),
+      "model_mfu": round(model_flops / (med / 1e3) / 1e9 / args.peak_gflops,
+                         4),
+      "peak_gflops": args.peak_gflops,
+      "loss_first": round(losses[0], 6),
+      "loss_last": round(losses[-1], 6),
+      "all_losses_finite": bool(np.all(np.isfinite(losses))),
+      "reference": ref,
+      "speedup_vs_reference": {
+          k: round(samples_per_s / v["train_samples_per_s"], 2)
+          for k, v in ref.items()},
+      "jax": jax.__version__,
+      "device": str(jax.devices()[0].device_kind),
+      "num_devices": jax.device_count(),
+      "cpu_count": os.cpu_count(),
+      "affinity": len(os.sched_getaffinity(0)),
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "python": platform.python_version(),
+      "loadavg_1m_start_end": [round(load_start, 2),
+                               round(os.getloadavg()[0], 2)],
+  }
+  print(json.dumps(result))
+
+
+if __name__ == "__main__":
+  main()
