@@ -19,15 +19,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _tiny_config():
   sys.path.insert(0, REPO)
   from configs import synthetic as synthetic_config  # pylint: disable=g-import-not-at-top
-  c = synthetic_config.get_config()
-  c.data.synthetic.update(num_train=64, num_valid=24, num_test=24, seq_len=6)
-  c.model.feature_dims = (16, 5, 7)
-  c.model.d_model, c.model.num_heads, c.model.num_layers = 8, 2, 1
-  c.model.pde_dim, c.model.num_prototypes = 8, 3
-  c.batch_size = 16
-  c.num_epochs = 2
-  c.log_training_steps = 2
-  return c
+  return synthetic_config.get_config("tiny")
 
 
 def _records(workdir):
