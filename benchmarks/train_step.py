@@ -22,7 +22,6 @@ the usual MFU numerator.
 """
 
 import argparse
-import functools
 import json
 import os
 import platform
@@ -30,6 +29,7 @@ import sys
 import time
 
 import jax
+import ml_collections
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,8 +38,10 @@ if ROOT not in sys.path:
 
 from configs import mosi  # noqa: E402  pylint: disable=g-import-not-at-top
 from decalign_jax import optim  # noqa: E402
+from decalign_jax import runtime  # noqa: E402
 from decalign_jax import sharding  # noqa: E402
 from decalign_jax import steps  # noqa: E402
+from decalign_jax import train  # noqa: E402
 from decalign_jax.data import mmsa  # noqa: E402
 from decalign_jax.tasks import sentiment  # noqa: E402
 
@@ -137,7 +139,6 @@ def build(batch_size: int, ot_mode: str = "ott", seed: int = 0,
 
   mesh = sharding.make_mesh(config.mesh)
   data_sharding = sharding.data_sharding(mesh)
-  repl = sharding.replicated(mesh)
   tx = optim.make_optimizer(config)
   plateau = optim.make_plateau(config)
   init_rng, state_rng = jax.random.split(jax.random.key(config.seed))
@@ -146,20 +147,13 @@ def build(batch_size: int, ot_mode: str = "ott", seed: int = 0,
     return steps.init_train_state(task.init_params(r), tx, plateau, state_rng)
 
   abstract = jax.eval_shape(init_state, init_rng)
-  state_sharding = jax.tree.map(lambda _: repl, abstract)
+  state_sharding = sharding.state_shardings(abstract, mesh,
+                                            config.sharding_rules)
   state = jax.jit(init_state, out_shardings=state_sharding)(init_rng)
   n_params = sum(int(np.prod(x.shape))
                  for x in jax.tree.leaves(abstract.params))
   batch = sharding.put_batch(task.example_batch, data_sharding)
-
-  # As train.py.
-  train_fn = jax.jit(
-      functools.partial(steps.train_step, loss_fn=task.loss_fn, tx=tx),
-      in_shardings=(state_sharding, data_sharding),
-      out_shardings=(state_sharding, repl), donate_argnums=(0,))
-  eval_fn = jax.jit(
-      functools.partial(steps.eval_step, predict_fn=task.predict_fn),
-      in_shardings=(state_sharding.params, data_sharding), out_shardings=repl)
+  train_fn, eval_fn = train.make_step_fns(task, tx, state_sharding, mesh)
   return dict(config=config, task=task, state=state, batch=batch,
               train_fn=train_fn, eval_fn=eval_fn, n_params=n_params)
 
@@ -175,7 +169,15 @@ def main(argv=None):
   p.add_argument("--peak-gflops", type=float, default=440.0,
                  help="float32 matmul peak of this machine, GFLOP/s")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--no-retain-host-memory", action="store_true",
+                 help="leave glibc malloc at its defaults (runtime.py)")
+  p.add_argument("--no-unrolled-threefry", action="store_true",
+                 help="keep JAX's looped Threefry lowering on CPU")
   args = p.parse_args(argv)
+  # As train.py: before the first JAX computation starts its threads.
+  applied = runtime.configure(ml_collections.ConfigDict(dict(
+      retain_host_memory=not args.no_retain_host_memory,
+      unrolled_cpu_threefry=not args.no_unrolled_threefry)))
 
   load_start = os.getloadavg()[0]
   b = build(args.batch, args.ot_mode, args.seed)
@@ -263,6 +265,7 @@ def main(argv=None):
       "model_mfu": round(model_flops / (med / 1e3) / 1e9 / args.peak_gflops,
                          4),
       "peak_gflops": args.peak_gflops,
+      "runtime": applied,
       "loss_first": round(losses[0], 6),
       "loss_last": round(losses[-1], 6),
       "all_losses_finite": bool(np.all(np.isfinite(losses))),

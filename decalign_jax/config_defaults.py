@@ -28,6 +28,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.sharding_rules = [(".*", "replicate")]
   # A reference PyTorch checkpoint (.pth or .npz state_dict) to start from.
   c.init_from = ""
+  # Process-wide XLA:CPU speed-ups applied by train.py before JAX starts
+  # (see decalign_jax/runtime.py); neither changes any number.
+  c.runtime = ml_collections.ConfigDict(dict(
+      retain_host_memory=True, unrolled_cpu_threefry=True))
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "mmsa"  # "mmsa" (a pickle at data.path) or "synthetic"

@@ -29,6 +29,7 @@ import tqdm
 from decalign_jax import checkpoint
 from decalign_jax import metrics as metrics_lib
 from decalign_jax import optim
+from decalign_jax import runtime
 from decalign_jax import sharding
 from decalign_jax import steps
 from decalign_jax.tasks import base
@@ -88,6 +89,34 @@ def _replace_params(state, params, state_sharding, tx, plateau):
       out_shardings=state_sharding)(params, state.rng)
 
 
+def make_step_fns(task: base.Task, tx, state_sharding, mesh):
+  """The jitted train and eval steps over `mesh` (also used by benchmarks/).
+
+  The train step donates the state and keeps its sharding; batches are split
+  over the data axes; outputs (measurements, predictions) are replicated.
+
+  Args:
+    task: the task (its `loss_fn` and `predict_fn`).
+    tx: the optax optimizer.
+    state_sharding: `TrainState` of shardings (`sharding.state_shardings`).
+    mesh: the device mesh.
+
+  Returns:
+    `(train_fn(state, batch) -> (state, measurements),
+      eval_fn(params, batch) -> (preds, labels, mask))`.
+  """
+  data_sharding = sharding.data_sharding(mesh)
+  repl = sharding.replicated(mesh)
+  train_fn = jax.jit(
+      functools.partial(steps.train_step, loss_fn=task.loss_fn, tx=tx),
+      in_shardings=(state_sharding, data_sharding),
+      out_shardings=(state_sharding, repl), donate_argnums=(0,))
+  eval_fn = jax.jit(
+      functools.partial(steps.eval_step, predict_fn=task.predict_fn),
+      in_shardings=(state_sharding.params, data_sharding), out_shardings=repl)
+  return train_fn, eval_fn
+
+
 def run_one(config: ml_collections.ConfigDict, workdir: str, *,
             mode: str = "train", task: base.Task | None = None
             ) -> dict[str, Any]:
@@ -108,7 +137,6 @@ def run_one(config: ml_collections.ConfigDict, workdir: str, *,
   os.makedirs(workdir, exist_ok=True)
   mesh = sharding.make_mesh(config.mesh)
   data_sharding = sharding.data_sharding(mesh)
-  repl = sharding.replicated(mesh)
   task = task or TASKS[config.task](
       config, workdir, shard_index=jax.process_index(),
       shard_count=jax.process_count())
@@ -144,13 +172,7 @@ def run_one(config: ml_collections.ConfigDict, workdir: str, *,
     state, meta = checkpoint.restore(latest, state)
     log.info("Resumed from %s at epoch %d", workdir, meta["epoch"])
 
-  train_fn = jax.jit(
-      functools.partial(steps.train_step, loss_fn=task.loss_fn, tx=tx),
-      in_shardings=(state_sharding, data_sharding),
-      out_shardings=(state_sharding, repl), donate_argnums=(0,))
-  eval_fn = jax.jit(
-      functools.partial(steps.eval_step, predict_fn=task.predict_fn),
-      in_shardings=(state_sharding.params, data_sharding), out_shardings=repl)
+  train_fn, eval_fn = make_step_fns(task, tx, state_sharding, mesh)
   plateau_fn = jax.jit(functools.partial(steps.plateau_update,
                                          plateau=plateau),
                        donate_argnums=(0,))
@@ -175,8 +197,11 @@ def run_one(config: ml_collections.ConfigDict, workdir: str, *,
         break
       t0 = time.time()
       for batch in task.train_batches(epoch):
-        state, measurements = train_fn(
-            state, sharding.put_batch(batch, data_sharding))
+        batch = sharding.put_batch(batch, data_sharding)
+        # Everything the step needs is on device: an implicit transfer here
+        # would be a hidden host round trip per step.
+        with jax.transfer_guard("disallow"):
+          state, measurements = train_fn(state, batch)
         step += 1  # a host counter: reading state.step would sync
         bar.update(1)
         if step % config.log_training_steps == 0:
@@ -310,9 +335,13 @@ def main(argv):
   ours.addHandler(handler)
   ours.setLevel(logging.INFO)
   ours.propagate = False
+  config = _CONFIG.value
+  # Before anything starts JAX's thread pools (see runtime.py).
+  applied = runtime.configure(config.runtime)
+  log.info("runtime: %s", applied)
   jax.config.update("jax_threefry_partitionable", True)
   sharding.maybe_initialize_distributed()
-  train_and_evaluate(_CONFIG.value, _WORKDIR.value, mode=_MODE.value)
+  train_and_evaluate(config, _WORKDIR.value, mode=_MODE.value)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,112 @@
+"""The CPU runtime switches of decalign_jax.runtime change speed, not numbers."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from decalign_jax import runtime
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(code: str) -> dict:
+  """Runs `code` in a fresh interpreter (the switches are process-wide)."""
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)],
+                       capture_output=True, text=True, env=env, timeout=300,
+                       check=False)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("key,count,expected", [
+    # Known-answer vectors of Threefry-2x32-20 (Random123 kat_vectors).
+    ((0x00000000, 0x00000000), (0x00000000, 0x00000000),
+     (0x6b200159, 0x99ba4efe)),
+    ((0xffffffff, 0xffffffff), (0xffffffff, 0xffffffff),
+     (0x1cb996fc, 0xbb002be7)),
+    ((0x13198a2e, 0x03707344), (0x243f6a88, 0x85a308d3),
+     (0xc4923a9c, 0x483df7a0)),
+])
+def test_threefry_known_answers(key, count, expected):
+  u32 = lambda v: np.asarray([v], np.uint32)  # noqa: E731
+  got = runtime.threefry2x32(u32(key[0]), u32(key[1]), u32(count[0]),
+                             u32(count[1]))
+  assert [int(g[0]) for g in got] == list(expected)
+
+
+def test_unrolled_threefry_gives_jax_bits_without_a_loop():
+  res = _run("""
+      import json
+      import jax, jax.numpy as jnp, numpy as np
+      from decalign_jax import runtime
+
+      def draws(seed):
+        key = jax.random.key(seed)
+        k1, k2 = jax.random.split(key)
+        return [jax.random.bits(k1, (3, 1000)),
+                jax.random.bernoulli(k2, 0.9, (7, 13, 5)),
+                jax.random.normal(jax.random.fold_in(key, 3), (257,)),
+                jax.random.key_data(jax.random.split(key, 4))]
+
+      f = jax.jit(draws)
+      hlo_before = f.lower(0).compile().as_text()
+      before = [np.asarray(x) for x in f(0)]
+      assert runtime.use_unrolled_cpu_threefry()
+      jax.clear_caches()
+      f = jax.jit(draws)
+      hlo_after = f.lower(0).compile().as_text()
+      after = [np.asarray(x) for x in f(0)]
+      print(json.dumps(dict(
+          equal=[bool(np.array_equal(a, b)) for a, b in zip(before, after)],
+          loop_before=" while(" in hlo_before,
+          loop_after=" while(" in hlo_after)))
+  """)
+  assert res["equal"] == [True] * 4
+  # The switch did change the program: the loop is gone.
+  assert res["loop_before"] and not res["loop_after"]
+
+
+_FAULTS = """
+    import json, resource, sys
+    from decalign_jax import runtime
+    retain = sys.argv[1] == "1"
+    applied = runtime.retain_host_memory() if retain else False
+    import jax, jax.numpy as jnp
+    # ~64 MB temporaries per call, allocated by XLA from a worker thread.
+    f = jax.jit(lambda x: (jnp.tanh(x) @ jnp.tanh(x).T).sum())
+    x = jnp.ones((4096, 4096), jnp.float32) * 1e-3
+    faults = []
+    for _ in range(4):
+      r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+      f(x).block_until_ready()
+      faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0)
+    print(json.dumps(dict(applied=applied, faults=faults[2:])))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"),
+                    reason="glibc mallopt")
+def test_retain_host_memory_stops_per_step_page_faults():
+  def run(flag):
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(_FAULTS),
+                          flag], capture_output=True, text=True, env=env,
+                         timeout=300, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+  default, retained = run("0"), run("1")
+  assert retained["applied"]
+  # Default glibc: each call faults the temporaries in again (64 MB = 16k
+  # pages); retained: the pages are reused.
+  assert min(default["faults"]) > 8000, default
+  assert max(retained["faults"]) < 0.1 * min(default["faults"]), (
+      default, retained)
