@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import sys
+import tempfile
 import time
 
 import jax
@@ -54,11 +55,20 @@ REFERENCE_FILES = {
 }
 
 
-def make_split(num: int, seq_len: int, dims, seed: int) -> mmsa.Split:
-  """A random in-memory split: normal features, labels uniform in [-3, 3]."""
+def make_split(num: int, seq_len: int, dims, seed: int,
+               vocab_size: int = 0) -> mmsa.Split:
+  """A random in-memory split: normal features, labels uniform in [-3, 3].
+
+  With `vocab_size`, text is `[N, 3, T]` BERT inputs instead: random ids,
+  an all-ones attention mask and zero segment ids.
+  """
   rs = np.random.default_rng(seed)
   feats = [rs.standard_normal((num, seq_len, d)).astype(np.float32)
            for d in dims]
+  if vocab_size:
+    feats[0] = np.stack([rs.integers(0, vocab_size, (num, seq_len)),
+                         np.ones((num, seq_len), np.int64),
+                         np.zeros((num, seq_len), np.int64)], axis=1)
   return mmsa.Split(
       text=feats[0], audio=feats[1], vision=feats[2],
       label=rs.uniform(-3.0, 3.0, num).astype(np.float32),
@@ -68,10 +78,17 @@ def make_split(num: int, seq_len: int, dims, seed: int) -> mmsa.Split:
 
 
 def model_matmul_flops(batch: int, seq_len: int, dims, d: int,
-                       num_layers: int, pde_dim: int) -> int:
+                       num_layers: int, pde_dim: int,
+                       text_backbone: dict | None = None) -> int:
   """Analytic forward matmul FLOPs (2 per multiply-add) of DecAlign."""
   bt = batch * seq_len
   flops = 2 * bt * d * sum(dims)  # input projections (kernel 1 convs)
+  if text_backbone:
+    h, ff = text_backbone["hidden_size"], text_backbone["intermediate_size"]
+    flops += text_backbone["num_hidden_layers"] * (
+        2 * bt * h * h * 4  # q, k, v, output projections
+        + 2 * bt * seq_len * h * 2  # q.k logits and weights.v
+        + 2 * bt * h * ff * 2)  # feed-forward
   flops += 6 * 2 * bt * d * d  # encoder_uni_* and encoder_com
   ctx = 2 * seq_len  # cross-modal: keys/values = the two other modalities
   per_layer = (2 * bt * d * d * 2  # q and out projections
@@ -114,8 +131,16 @@ def cost_flops(compiled) -> float | None:
   return float(cost.get("flops", 0.0)) or None
 
 
+def text_backbone_config(layers: int, hidden: int) -> dict:
+  """An HF-style BERT config.json dict (bert-base vocabulary, 64-d heads)."""
+  return {"model_type": "bert", "vocab_size": 30522, "hidden_size": hidden,
+          "num_hidden_layers": layers, "num_attention_heads": hidden // 64,
+          "intermediate_size": 4 * hidden, "max_position_embeddings": 512,
+          "type_vocab_size": 2}
+
+
 def build(batch_size: int, ot_mode: str = "ott", seed: int = 0,
-          config=None):
+          config=None, text_backbone: dict | None = None):
   """The MOSI task, train state, device batch and jitted steps.
 
   Args:
@@ -123,6 +148,8 @@ def build(batch_size: int, ot_mode: str = "ott", seed: int = 0,
     ot_mode: 'ott' or 'reference'.
     seed: data seed.
     config: a config to use instead of `configs/mosi.py`.
+    text_backbone: a BERT config.json dict; the step then fine-tunes that
+      encoder (random weights) on `[B, 3, T]` token ids.
 
   Returns:
     dict with `config, task, state, batch, train_fn, eval_fn, n_params`.
@@ -133,7 +160,14 @@ def build(batch_size: int, ot_mode: str = "ott", seed: int = 0,
   config.model.ot_mode = ot_mode
   mc = config.model
   dims = tuple(mc.feature_dims)
-  splits = {name: make_split(batch_size, SEQ_LEN, dims, seed + i)
+  vocab = 0
+  if text_backbone:
+    model_dir = tempfile.mkdtemp(prefix="bench_bert_")
+    with open(os.path.join(model_dir, "config.json"), "w") as f:
+      json.dump(text_backbone, f)
+    mc.text_model_dir = model_dir  # only config.json is read at build time
+    vocab = text_backbone["vocab_size"]
+  splits = {name: make_split(batch_size, SEQ_LEN, dims, seed + i, vocab)
             for i, name in enumerate(("train", "valid", "test"))}
   task = sentiment.make_task(config, "/tmp", splits=splits)
 
@@ -169,6 +203,12 @@ def main(argv=None):
   p.add_argument("--peak-gflops", type=float, default=440.0,
                  help="float32 matmul peak of this machine, GFLOP/s")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--text-layers", type=int, default=0,
+                 help="0: precomputed 768-d text features (the reference's "
+                 "use_bert=False); N: fine-tune an N-layer BERT backbone "
+                 "(random weights) on token ids inside the step")
+  p.add_argument("--text-hidden", type=int, default=768,
+                 help="hidden size of that backbone (heads of 64)")
   p.add_argument("--no-retain-host-memory", action="store_true",
                  help="leave glibc malloc at its defaults (runtime.py)")
   p.add_argument("--no-unrolled-threefry", action="store_true",
@@ -180,11 +220,15 @@ def main(argv=None):
       unrolled_cpu_threefry=not args.no_unrolled_threefry)))
 
   load_start = os.getloadavg()[0]
-  b = build(args.batch, args.ot_mode, args.seed)
+  backbone = (text_backbone_config(args.text_layers, args.text_hidden)
+              if args.text_layers else None)
+  b = build(args.batch, args.ot_mode, args.seed, text_backbone=backbone)
   config, state, batch = b["config"], b["state"], b["batch"]
   train_fn, eval_fn, n_params = b["train_fn"], b["eval_fn"], b["n_params"]
   mc = config.model
   dims = tuple(mc.feature_dims)
+  if backbone:  # the text projection reads the backbone's hidden states
+    dims = (backbone["hidden_size"],) + dims[1:]
   seq_len = SEQ_LEN
 
   t0 = time.perf_counter()
@@ -230,13 +274,16 @@ def main(argv=None):
   emed, ep10, ep90 = percentiles(etimes)
 
   model_flops = 3 * model_matmul_flops(args.batch, seq_len, dims, mc.d_model,
-                                       mc.num_layers, mc.pde_dim)
+                                       mc.num_layers, mc.pde_dim, backbone)
   samples_per_s = args.batch / (med / 1e3)
-  ref = reference_numbers(args.batch)
+  # The reference numbers were measured without a text backbone.
+  ref = {} if backbone else reference_numbers(args.batch)
   result = {
       "bench": "decalign_jax_train_step",
       "batch": args.batch,
       "ot_mode": args.ot_mode,
+      "text_backbone": (None if backbone is None else {
+          k: backbone[k] for k in ("num_hidden_layers", "hidden_size")}),
       "dtype": args.dtype,
       "n_params": n_params,
       "lower_s": round(t1 - t0, 3),

@@ -43,7 +43,8 @@ _MODE = flags.DEFINE_enum("mode", "train", ["train", "test"],
                           "best checkpoint in workdir).")
 
 TASKS = {"sentiment": sentiment.make_task}
-log = logging.getLogger(__name__)
+# Not __name__: under `python -m` that is "__main__", outside our handler.
+log = logging.getLogger("decalign_jax.train")
 
 
 class TrainingError(RuntimeError):

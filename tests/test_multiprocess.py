@@ -43,6 +43,9 @@ def test_two_processes_match_one(tmp_path):
                         capture_output=True, text=True, timeout=600,
                         check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
+  # The CLI's own log lines reach stderr (the runtime switches, epochs).
+  assert "runtime: {'retain_host_memory': True" in proc.stderr, proc.stderr
+  assert "epoch 1: valid" in proc.stderr, proc.stderr
   p_multi, p_single = _final_params(multi), _final_params(single)
   leaves_m = jax.tree_util.tree_leaves_with_path(p_multi)
   leaves_s = jax.tree.leaves(p_single)
