@@ -1,5 +1,6 @@
 """Test setup: 8 fake CPU devices before jax is imported, float64 on demand."""
 
+import functools
 import os
 
 os.environ["XLA_FLAGS"] = (
@@ -26,3 +27,18 @@ def np_rng() -> np.random.Generator:
 @pytest.fixture
 def fixtures_dir() -> str:
   return FIXTURES
+
+
+@functools.lru_cache(maxsize=None)
+def _load_golden(variant: str) -> dict[str, np.ndarray]:
+  with np.load(os.path.join(FIXTURES, f"golden_{variant}.npz")) as z:
+    return {k: z[k] for k in z.files}
+
+
+@pytest.fixture
+def golden():
+  """`golden(variant)`: the arrays of `fixtures/golden_<variant>.npz`.
+
+  Cached across tests: treat the arrays as read-only.
+  """
+  return _load_golden

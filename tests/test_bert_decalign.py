@@ -44,7 +44,7 @@ def _tiny_vocab_data(tmp_path):
   return path
 
 
-def _steps(config, tmp_path, n=2):
+def _steps(config, tmp_path, n=2, with_grads=True):
   with config.unlocked():
     config.data.source = "mmsa"
     config.data.path = _tiny_vocab_data(tmp_path)
@@ -54,8 +54,10 @@ def _steps(config, tmp_path, n=2):
   state = steps.init_train_state(params, tx, plateau, jax.random.key(1))
   step = jax.jit(lambda s, b: steps.train_step(s, b, loss_fn=task.loss_fn,
                                                tx=tx))
-  grads = jax.jit(jax.grad(lambda p: task.loss_fn(
-      p, task.example_batch, jax.random.key(2), True)[0]))(params)
+  grads = None
+  if with_grads:
+    grads = jax.jit(jax.grad(lambda p: task.loss_fn(
+        p, task.example_batch, jax.random.key(2), True)[0]))(params)
   for batch, _ in zip(task.train_batches(0), range(n)):
     state, _ = step(state, batch)
   return params, state.params, grads
@@ -79,7 +81,8 @@ def test_pretrained_weights_loaded_and_gradients_flow(tmp_path):
 
 
 def test_text_lr_and_freezing(tmp_path):
-  before, after, _ = _steps(_config(TINY_BERT, text_lr=1e-9), tmp_path)
+  before, after, _ = _steps(_config(TINY_BERT, text_lr=1e-9), tmp_path,
+                            with_grads=False)
   assert _max_change(before["text_model"], after["text_model"]) < 1e-7
   assert _max_change(before["out_layer"], after["out_layer"]) > 1e-3
   config = _config(TINY_BERT)

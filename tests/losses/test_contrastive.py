@@ -1,6 +1,5 @@
 """Tests for decalign_jax.losses.contrastive."""
 
-import functools
 import os
 
 import jax
@@ -10,15 +9,6 @@ import pytest
 
 from decalign_jax.losses import contrastive
 
-
-@functools.lru_cache(maxsize=None)
-def _golden(path: str) -> dict[str, np.ndarray]:
-  with np.load(path) as z:
-    return {k: z[k] for k in z.files}
-
-
-def _load(fixtures_dir, variant):
-  return _golden(os.path.join(fixtures_dir, f"golden_{variant}.npz"))
 
 
 _supcon = jax.jit(contrastive.supervised_contrastive_loss,
@@ -90,22 +80,22 @@ def test_weights_equal_dropping_padded_samples(np_rng):
 
 @pytest.mark.parametrize("variant", ["small_regression", "small_mosi_arch",
                                      "small_tinybatch", "small_seqmask"])
-def test_golden_regression(fixtures_dir, variant):
-  g = _load(fixtures_dir, variant)
+def test_golden_regression(golden, variant):
+  g = golden(variant)
   classes = contrastive.regression_label_classes(jnp.asarray(g["in/labels"]))
   got = _supcon(jnp.asarray(g["out/final_rep"]), classes, temperature=0.1)
   np.testing.assert_allclose(got, g["loss/ct"], rtol=1e-5, atol=1e-6)
 
 
-def test_golden_classification(fixtures_dir):
-  g = _load(fixtures_dir, "small_classification")
+def test_golden_classification(golden):
+  g = golden("small_classification")
   labels = jnp.asarray(g["in/labels"].reshape(-1)).astype(jnp.int32)
   got = _supcon(jnp.asarray(g["out/final_rep"]), labels, temperature=0.1)
   np.testing.assert_allclose(got, g["loss/ct"], rtol=1e-5, atol=1e-6)
 
 
-def test_golden_f64(fixtures_dir):
-  g = _load(fixtures_dir, "small_regression_f64")
+def test_golden_f64(golden):
+  g = golden("small_regression_f64")
   with jax.enable_x64(True):
     classes = contrastive.regression_label_classes(
         jnp.asarray(g["in/labels"]))

@@ -1,6 +1,5 @@
 """Tests for decalign_jax.losses.decomposition."""
 
-import functools
 import os
 
 import jax
@@ -9,15 +8,6 @@ import numpy as np
 
 from decalign_jax.losses import decomposition
 
-
-@functools.lru_cache(maxsize=None)
-def _golden(path: str) -> dict[str, np.ndarray]:
-  with np.load(path) as z:
-    return {k: z[k] for k in z.files}
-
-
-def _load(fixtures_dir, variant):
-  return _golden(os.path.join(fixtures_dir, f"golden_{variant}.npz"))
 
 
 def _channel_last(a):
@@ -62,9 +52,9 @@ def test_zero_sample_contributes_zero_with_finite_grad(np_rng):
   np.testing.assert_array_equal(gs[1], 0.0)
 
 
-def test_golden(fixtures_dir):
+def test_golden(golden):
   for variant in ("small_regression", "small_seqmask", "small_mosi_arch"):
-    g = _load(fixtures_dir, variant)
+    g = golden(variant)
     dec = jnp.mean(jnp.stack([
         decomposition.decoupling_loss(_channel_last(g[f"out/s_{m}"]),
                                       _channel_last(g[f"out/c_{m}"]))
@@ -72,8 +62,8 @@ def test_golden(fixtures_dir):
     np.testing.assert_allclose(dec, g["out/dec_loss"], rtol=1e-5, atol=1e-6)
 
 
-def test_golden_f64(fixtures_dir):
-  g = _load(fixtures_dir, "small_regression_f64")
+def test_golden_f64(golden):
+  g = golden("small_regression_f64")
   with jax.enable_x64(True):
     dec = jnp.mean(jnp.stack([
         decomposition.decoupling_loss(_channel_last(g[f"out/s_{m}"]),

@@ -1,7 +1,6 @@
 """Tests for decalign_jax.losses.gmm."""
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -14,15 +13,6 @@ from scipy import stats
 from decalign_jax.losses import _numerics
 from decalign_jax.losses import gmm
 
-
-@functools.lru_cache(maxsize=None)
-def _golden(path: str) -> dict[str, np.ndarray]:
-  with np.load(path) as z:
-    return {k: z[k] for k in z.files}
-
-
-def _load(fixtures_dir, variant):
-  return _golden(os.path.join(fixtures_dir, f"golden_{variant}.npz"))
 
 
 def _numpy_em(x, k, num_iters, var_floor):
@@ -65,8 +55,8 @@ def test_init_indices_middle_ties():
 
 
 @pytest.mark.parametrize("variant", ["small_regression", "small_mosi_arch"])
-def test_init_indices_golden(fixtures_dir, variant):
-  g = _load(fixtures_dir, variant)
+def test_init_indices_golden(golden, variant):
+  g = golden(variant)
   b = g["inter/hete/pooled_l"].shape[0]
   k = g["inter/hete/gmm_l_pi"].shape[0]
   np.testing.assert_array_equal(gmm.init_indices(b, k),
@@ -74,8 +64,8 @@ def test_init_indices_golden(fixtures_dir, variant):
 
 
 @pytest.mark.parametrize("variant", ["small_regression", "small_tinybatch"])
-def test_init_golden(fixtures_dir, variant):
-  g = _load(fixtures_dir, variant)
+def test_init_golden(golden, variant):
+  g = golden(variant)
   for m in "lav":
     pi, mu, var = gmm.init_diag_gmm(
         jnp.asarray(g[f"inter/hete/pooled_{m}"]), num_components=4,
@@ -115,8 +105,8 @@ _TOL32 = dict(rtol=1e-5, atol=1e-6)
 @pytest.mark.parametrize("variant",
                          ["small_regression", "small_tinybatch",
                           "small_mosi_arch"])
-def test_fit_golden(fixtures_dir, variant):
-  g = _load(fixtures_dir, variant)
+def test_fit_golden(golden, variant):
+  g = golden(variant)
   k = g["inter/hete/gmm_l_pi"].shape[0]
   fit = jax.jit(functools.partial(gmm.fit_diag_gmm, num_components=k))
   for m in "lav":
@@ -127,8 +117,8 @@ def test_fit_golden(fixtures_dir, variant):
                                  err_msg=f"{variant} {m} {name}")
 
 
-def test_fit_golden_f64(fixtures_dir):
-  g = _load(fixtures_dir, "small_regression_f64")
+def test_fit_golden_f64(golden):
+  g = golden("small_regression_f64")
   with jax.enable_x64(True):
     fit = jax.jit(functools.partial(gmm.fit_diag_gmm, num_components=4))
     for m in "lav":

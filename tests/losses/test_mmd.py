@@ -1,7 +1,5 @@
 """Tests for decalign_jax.losses.mmd."""
 
-import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -11,15 +9,6 @@ from scipy.spatial import distance
 
 from decalign_jax.losses import mmd
 
-
-@functools.lru_cache(maxsize=None)
-def _golden(path: str) -> dict[str, np.ndarray]:
-  with np.load(path) as z:
-    return {k: z[k] for k in z.files}
-
-
-def _load(fixtures_dir, variant):
-  return _golden(os.path.join(fixtures_dir, f"golden_{variant}.npz"))
 
 
 @pytest.mark.parametrize("bandwidth", [1.0, 0.3])
@@ -44,8 +33,8 @@ def test_identical_samples_give_zero_and_finite_grad(np_rng):
 
 @pytest.mark.parametrize("variant", ["small_regression", "small_tinybatch",
                                      "small_mosi_arch"])
-def test_golden(fixtures_dir, variant):
-  g = _load(fixtures_dir, variant)
+def test_golden(golden, variant):
+  g = golden(variant)
   z = {m: jnp.asarray(g[f"inter/homo/z_{m}"]) for m in "lav"}
   for a, b in (("l", "a"), ("l", "v"), ("a", "v")):
     np.testing.assert_allclose(mmd.gaussian_mmd(z[a], z[b]),
@@ -53,8 +42,8 @@ def test_golden(fixtures_dir, variant):
                                atol=1e-6)
 
 
-def test_golden_f64(fixtures_dir):
-  g = _load(fixtures_dir, "small_regression_f64")
+def test_golden_f64(golden):
+  g = golden("small_regression_f64")
   with jax.enable_x64(True):
     z = {m: jnp.asarray(g[f"inter/homo/z_{m}"]) for m in "lav"}
     total = sum(mmd.gaussian_mmd(z[a], z[b])

@@ -1,7 +1,5 @@
 """Tests for decalign_jax.losses.moments."""
 
-import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -10,15 +8,6 @@ import pytest
 
 from decalign_jax.losses import moments
 
-
-@functools.lru_cache(maxsize=None)
-def _golden(path: str) -> dict[str, np.ndarray]:
-  with np.load(path) as z:
-    return {k: z[k] for k in z.files}
-
-
-def _load(fixtures_dir, variant):
-  return _golden(os.path.join(fixtures_dir, f"golden_{variant}.npz"))
 
 
 def _numpy_stats(z):
@@ -52,8 +41,8 @@ def test_distance_brute_force(np_rng):
 
 @pytest.mark.parametrize("variant", ["small_regression", "small_tinybatch",
                                      "small_mosi_arch", "small_seqmask"])
-def test_golden(fixtures_dir, variant):
-  g = _load(fixtures_dir, variant)
+def test_golden(golden, variant):
+  g = golden(variant)
   stats = {m: moments.moment_stats(jnp.asarray(g[f"inter/homo/z_{m}"]))
            for m in "lav"}
   for m in "lav":
@@ -72,8 +61,8 @@ def test_golden(fixtures_dir, variant):
         g[f"inter/homo/stats_distance_{a}{b}"], rtol=1e-5, atol=1e-6)
 
 
-def test_golden_f64(fixtures_dir):
-  g = _load(fixtures_dir, "small_regression_f64")
+def test_golden_f64(golden):
+  g = golden("small_regression_f64")
   with jax.enable_x64(True):
     stats = {m: moments.moment_stats(jnp.asarray(g[f"inter/homo/z_{m}"]))
              for m in "lav"}

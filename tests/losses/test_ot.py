@@ -1,7 +1,6 @@
 """Tests for decalign_jax.losses.ot."""
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -14,15 +13,6 @@ from decalign_jax.losses import ot
 _TOL32 = dict(rtol=1e-5, atol=1e-6)
 _PAIRS = ("la", "lv", "av")
 
-
-@functools.lru_cache(maxsize=None)
-def _golden(path: str) -> dict[str, np.ndarray]:
-  with np.load(path) as z:
-    return {k: z[k] for k in z.files}
-
-
-def _load(fixtures_dir, variant):
-  return _golden(os.path.join(fixtures_dir, f"golden_{variant}.npz"))
 
 
 def _ot_args(g, scale=1.0):
@@ -96,8 +86,8 @@ def test_sample_to_prototype_brute_force(np_rng, mahalanobis):
   np.testing.assert_allclose(got, expected, rtol=1e-12)
 
 
-def test_costs_golden(fixtures_dir):
-  g = _load(fixtures_dir, "small_regression")
+def test_costs_golden(golden):
+  g = golden("small_regression")
   h = lambda k: jnp.asarray(g[f"inter/hete/{k}"])  # noqa: E731
   for a, b in _PAIRS:
     got = ot.gaussian_w2_cost(h(f"gmm_{a}_mu"), h(f"gmm_{a}_var"),
@@ -122,8 +112,8 @@ def test_costs_golden(fixtures_dir):
 
 @pytest.mark.parametrize("mode", ["reference", "ott"])
 @pytest.mark.parametrize("variant", ["small_regression", "small_mosi_arch"])
-def test_objective_golden(fixtures_dir, mode, variant):
-  g = _load(fixtures_dir, variant)
+def test_objective_golden(golden, mode, variant):
+  g = golden(variant)
   np.testing.assert_allclose(_objective(mode)(*_ot_args(g)),
                              g["inter/hete/ot_loss"], **_TOL32)
 
@@ -132,19 +122,19 @@ def test_objective_golden(fixtures_dir, mode, variant):
     ("reference", 1e-9),
     # The reference's `+ 1e-8` in every division biases its value by ~1e-8.
     ("ott", 1e-7)])
-def test_objective_golden_f64(fixtures_dir, mode, rtol):
-  g = _load(fixtures_dir, "small_regression_f64")
+def test_objective_golden_f64(golden, mode, rtol):
+  g = golden("small_regression_f64")
   with jax.enable_x64(True):
     obj = _objective(mode, threshold=1e-13)(*_ot_args(g))
     assert obj.dtype == jnp.float64
     np.testing.assert_allclose(obj, g["inter/hete/ot_loss"], rtol=rtol)
 
 
-def test_ott_gradients_match_reference(fixtures_dir):
+def test_ott_gradients_match_reference(golden):
   # At the golden costs the reference's 50 iterations have converged, so its
   # unrolled gradient is the envelope gradient that the 'ott' mode returns:
   # d objective / d joint cost = plan (Danskin), d / d nu_m = potential f_m.
-  g = _load(fixtures_dir, "small_regression")
+  g = golden("small_regression")
   args = _ot_args(g)
   _, ref = _reference_value_and_grad()(jnp.asarray(g["inter/hete/joint_cost"]),
                                        *args[3:])
@@ -189,9 +179,9 @@ def test_marginals_and_objective_definition(np_rng, mode, atol):
     np.testing.assert_allclose(out.objective, expected, rtol=1e-10)
 
 
-def test_zero_mass_entry(fixtures_dir):
+def test_zero_mass_entry(golden):
   # A prototype whose posterior underflows everywhere has nu = 0 exactly.
-  args = list(_ot_args(_load(fixtures_dir, "small_regression")))
+  args = list(_ot_args(golden("small_regression")))
   args[4] = args[4].at[1].set(0.0)
   args[4] = args[4] / args[4].sum()
   ref = jax.jit(functools.partial(ot.multimarginal_sinkhorn,
@@ -251,8 +241,8 @@ _SCALES = (1, 10, 30, 100, 150, 300, 1000)
 
 
 @pytest.mark.parametrize("scale", _SCALES)
-def test_stress_reference_mode(fixtures_dir, scale):
-  s = _load(fixtures_dir, "sinkhorn_stress")
+def test_stress_reference_mode(golden, scale):
+  s = golden("sinkhorn_stress")
   assert float(s["lambda_ot"]) == 0.1 and int(s["ot_num_iters"]) == 50
   nus = tuple(jnp.asarray(s[f"nu_{m}"]) for m in "lav")
   key = f"scale{scale}/"
@@ -269,9 +259,9 @@ def test_stress_reference_mode(fixtures_dir, scale):
 
 
 @pytest.mark.parametrize("scale", [100, 300, 1000])
-def test_stress_ott_mode_does_not_collapse(fixtures_dir, scale):
-  s = _load(fixtures_dir, "sinkhorn_stress")
-  g = _load(fixtures_dir, "small_regression")
+def test_stress_ott_mode_does_not_collapse(golden, scale):
+  s = golden("sinkhorn_stress")
+  g = golden("small_regression")
   # The stress costs are exactly `scale * joint_cost`, hence pairwise.
   np.testing.assert_array_equal(
       s[f"scale{scale}/cost"], np.float32(scale) * g["inter/hete/joint_cost"])

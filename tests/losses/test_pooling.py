@@ -1,7 +1,5 @@
 """Tests for decalign_jax.losses.pooling."""
 
-import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -10,15 +8,6 @@ import pytest
 
 from decalign_jax.losses import pooling
 
-
-@functools.lru_cache(maxsize=None)
-def _golden(path: str) -> dict[str, np.ndarray]:
-  with np.load(path) as z:
-    return {k: z[k] for k in z.files}
-
-
-def _load(fixtures_dir, variant):
-  return _golden(os.path.join(fixtures_dir, f"golden_{variant}.npz"))
 
 
 def test_no_mask_is_time_mean(np_rng):
@@ -42,8 +31,8 @@ def test_mask_matches_brute_force(np_rng, as_bool):
   assert np.all(got[3] == 0.0)  # Exactly 0, as the reference's clamp.
 
 
-def test_golden_unmasked(fixtures_dir):
-  g = _load(fixtures_dir, "small_regression")
+def test_golden_unmasked(golden):
+  g = golden("small_regression")
   for m in "lav":
     # Fixture features are [B, D, T]; ours are channel-last.
     s = jnp.asarray(g[f"out/s_{m}"]).transpose(0, 2, 1)
@@ -52,8 +41,8 @@ def test_golden_unmasked(fixtures_dir):
                                rtol=1e-5, atol=1e-6)
 
 
-def test_golden_masked(fixtures_dir):
-  g = _load(fixtures_dir, "small_seqmask")
+def test_golden_masked(golden):
+  g = golden("small_seqmask")
   for m in "av":
     mask = jnp.asarray(g[f"inter/mask_{m}"][:, 0, :])
     for branch, key in (("s", "hete"), ("c", "homo")):

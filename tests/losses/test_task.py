@@ -1,7 +1,5 @@
 """Tests for decalign_jax.losses.task."""
 
-import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -11,15 +9,6 @@ from scipy import special
 
 from decalign_jax.losses import task
 
-
-@functools.lru_cache(maxsize=None)
-def _golden(path: str) -> dict[str, np.ndarray]:
-  with np.load(path) as z:
-    return {k: z[k] for k in z.files}
-
-
-def _load(fixtures_dir, variant):
-  return _golden(os.path.join(fixtures_dir, f"golden_{variant}.npz"))
 
 
 def _numpy_regression(d, kind, beta):
@@ -95,15 +84,15 @@ def test_binary_aux_brute_force(np_rng):
   assert float(zero) == 0.0 and np.all(grad == 0.0)
 
 
-def test_golden_regression(fixtures_dir):
-  g = _load(fixtures_dir, "small_regression")
+def test_golden_regression(golden):
+  g = golden("small_regression")
   got = task.regression_loss(jnp.asarray(g["out/output_logit"]),
                              jnp.asarray(g["in/labels"]), kind="mse")
   np.testing.assert_allclose(got, g["loss/main"], rtol=1e-5, atol=1e-6)
 
 
-def test_golden_classification(fixtures_dir):
-  g = _load(fixtures_dir, "small_classification")
+def test_golden_classification(golden):
+  g = golden("small_classification")
   got = task.classification_loss(
       jnp.asarray(g["out/output_logit"]),
       jnp.asarray(g["in/labels"].reshape(-1)).astype(jnp.int32))
