@@ -41,7 +41,6 @@ from configs import mosi  # noqa: E402  pylint: disable=g-import-not-at-top
 from decalign_jax import optim  # noqa: E402
 from decalign_jax import runtime  # noqa: E402
 from decalign_jax import sharding  # noqa: E402
-from decalign_jax import steps  # noqa: E402
 from decalign_jax import train  # noqa: E402
 from decalign_jax.data import mmsa  # noqa: E402
 from decalign_jax.tasks import sentiment  # noqa: E402
@@ -175,17 +174,10 @@ def build(batch_size: int, ot_mode: str = "ott", seed: int = 0,
   data_sharding = sharding.data_sharding(mesh)
   tx = optim.make_optimizer(config)
   plateau = optim.make_plateau(config)
-  init_rng, state_rng = jax.random.split(jax.random.key(config.seed))
-
-  def init_state(r):
-    return steps.init_train_state(task.init_params(r), tx, plateau, state_rng)
-
-  abstract = jax.eval_shape(init_state, init_rng)
-  state_sharding = sharding.state_shardings(abstract, mesh,
-                                            config.sharding_rules)
-  state = jax.jit(init_state, out_shardings=state_sharding)(init_rng)
+  state, state_sharding = train.init_sharded_state(task, config, mesh, tx,
+                                                  plateau)
   n_params = sum(int(np.prod(x.shape))
-                 for x in jax.tree.leaves(abstract.params))
+                 for x in jax.tree.leaves(state.params))
   batch = sharding.put_batch(task.example_batch, data_sharding)
   train_fn, eval_fn = train.make_step_fns(task, tx, state_sharding, mesh)
   return dict(config=config, task=task, state=state, batch=batch,

@@ -90,6 +90,28 @@ def _replace_params(state, params, state_sharding, tx, plateau):
       out_shardings=state_sharding)(params, state.rng)
 
 
+def init_sharded_state(task: base.Task, config: ml_collections.ConfigDict,
+                       mesh, tx, plateau):
+  """A fresh `TrainState` from `config.seed`, laid out by the sharding rules.
+
+  The state is created directly in its layout (a jit with out_shardings), so
+  no device ever holds a full copy of FSDP-sharded parameters.
+
+  Returns:
+    `(state, state_sharding)`.
+  """
+  init_rng, state_rng = jax.random.split(jax.random.key(config.seed))
+
+  def init_state(r):
+    return steps.init_train_state(task.init_params(r), tx, plateau, state_rng)
+
+  abstract = jax.eval_shape(init_state, init_rng)
+  state_sharding = sharding.state_shardings(abstract, mesh,
+                                            config.sharding_rules)
+  state = jax.jit(init_state, out_shardings=state_sharding)(init_rng)
+  return state, state_sharding
+
+
 def make_step_fns(task: base.Task, tx, state_sharding, mesh):
   """The jitted train and eval steps over `mesh` (also used by benchmarks/).
 
@@ -145,16 +167,7 @@ def run_one(config: ml_collections.ConfigDict, workdir: str, *,
 
   tx = optim.make_optimizer(config)
   plateau = optim.make_plateau(config)
-  rng = jax.random.key(config.seed)
-  init_rng, state_rng = jax.random.split(rng)
-
-  def init_state(r):
-    return steps.init_train_state(task.init_params(r), tx, plateau, state_rng)
-
-  abstract = jax.eval_shape(init_state, init_rng)
-  state_sharding = sharding.state_shardings(abstract, mesh,
-                                            config.sharding_rules)
-  state = jax.jit(init_state, out_shardings=state_sharding)(init_rng)
+  state, state_sharding = init_sharded_state(task, config, mesh, tx, plateau)
   if task.pretrained is not None:
     params = task.pretrained(state.params)
     state = _replace_params(state, params, state_sharding, tx, plateau)
