@@ -139,7 +139,8 @@ def text_backbone_config(layers: int, hidden: int) -> dict:
 
 
 def build(batch_size: int, ot_mode: str = "ott", seed: int = 0,
-          config=None, text_backbone: dict | None = None):
+          config=None, text_backbone: dict | None = None,
+          num_layers: int | None = None):
   """The MOSI task, train state, device batch and jitted steps.
 
   Args:
@@ -149,6 +150,7 @@ def build(batch_size: int, ot_mode: str = "ott", seed: int = 0,
     config: a config to use instead of `configs/mosi.py`.
     text_backbone: a BERT config.json dict; the step then fine-tunes that
       encoder (random weights) on `[B, 3, T]` token ids.
+    num_layers: layers per cross-modal transformer (default: the config's).
 
   Returns:
     dict with `config, task, state, batch, train_fn, eval_fn, n_params`.
@@ -157,6 +159,8 @@ def build(batch_size: int, ot_mode: str = "ott", seed: int = 0,
   config = config if config is not None else mosi.get_config()
   config.batch_size = batch_size
   config.model.ot_mode = ot_mode
+  if num_layers is not None:
+    config.model.num_layers = num_layers
   mc = config.model
   dims = tuple(mc.feature_dims)
   vocab = 0
@@ -201,6 +205,8 @@ def main(argv=None):
                  "(random weights) on token ids inside the step")
   p.add_argument("--text-hidden", type=int, default=768,
                  help="hidden size of that backbone (heads of 64)")
+  p.add_argument("--num-layers", type=int, default=None,
+                 help="layers per cross-modal transformer (MOSI: 5)")
   p.add_argument("--no-retain-host-memory", action="store_true",
                  help="leave glibc malloc at its defaults (runtime.py)")
   p.add_argument("--no-unrolled-threefry", action="store_true",
@@ -214,7 +220,8 @@ def main(argv=None):
   load_start = os.getloadavg()[0]
   backbone = (text_backbone_config(args.text_layers, args.text_hidden)
               if args.text_layers else None)
-  b = build(args.batch, args.ot_mode, args.seed, text_backbone=backbone)
+  b = build(args.batch, args.ot_mode, args.seed, text_backbone=backbone,
+            num_layers=args.num_layers)
   config, state, batch = b["config"], b["state"], b["batch"]
   train_fn, eval_fn, n_params = b["train_fn"], b["eval_fn"], b["n_params"]
   mc = config.model
@@ -274,6 +281,7 @@ def main(argv=None):
       "bench": "decalign_jax_train_step",
       "batch": args.batch,
       "ot_mode": args.ot_mode,
+      "num_layers": mc.num_layers,
       "text_backbone": (None if backbone is None else {
           k: backbone[k] for k in ("num_hidden_layers", "hidden_size")}),
       "dtype": args.dtype,
