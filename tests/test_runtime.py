@@ -14,11 +14,11 @@ from decalign_jax import runtime
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run(code: str) -> dict:
+def _run(code: str, *args: str) -> dict:
   """Runs `code` in a fresh interpreter (the switches are process-wide)."""
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
-  out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)],
+  out = subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args],
                        capture_output=True, text=True, env=env, timeout=300,
                        check=False)
   assert out.returncode == 0, out.stderr[-3000:]
@@ -94,16 +94,7 @@ _FAULTS = """
 @pytest.mark.skipif(not sys.platform.startswith("linux"),
                     reason="glibc mallopt")
 def test_retain_host_memory_stops_per_step_page_faults():
-  def run(flag):
-    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
-    out = subprocess.run([sys.executable, "-c", textwrap.dedent(_FAULTS),
-                          flag], capture_output=True, text=True, env=env,
-                         timeout=300, check=False)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-  default, retained = run("0"), run("1")
+  default, retained = _run(_FAULTS, "0"), _run(_FAULTS, "1")
   assert retained["applied"]
   # Default glibc: each call faults the temporaries in again (64 MB = 16k
   # pages); retained: the pages are reused.

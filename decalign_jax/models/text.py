@@ -120,12 +120,22 @@ class BertConfig:
     return dict(dataclasses.asdict(self), model_type="bert")
 
 
-class _Embeddings(nn.Module):
-  """HF BertEmbeddings: LN(word + position + token type), then dropout."""
+class _BertPart(nn.Module):
+  """The fields every BERT sub-module shares."""
 
   config: BertConfig
   dtype: Any
   param_dtype: Any
+
+  @property
+  def part_kw(self) -> dict[str, Any]:
+    """Keyword arguments that build a sibling part with the same settings."""
+    return dict(config=self.config, dtype=self.dtype,
+                param_dtype=self.param_dtype)
+
+
+class _Embeddings(_BertPart):
+  """HF BertEmbeddings: LN(word + position + token type), then dropout."""
 
   @nn.compact
   def __call__(self, input_ids, token_type_ids, *, train):
@@ -142,12 +152,8 @@ class _Embeddings(nn.Module):
     return nn.Dropout(c.hidden_dropout_prob)(x, deterministic=not train)
 
 
-class _SelfAttention(nn.Module):
+class _SelfAttention(_BertPart):
   """HF BertSelfAttention: softmax(q k^T / sqrt(d) + bias) v over heads."""
-
-  config: BertConfig
-  dtype: Any
-  param_dtype: Any
 
   @nn.compact
   def __call__(self, x, bias, *, train):
@@ -170,12 +176,8 @@ class _SelfAttention(nn.Module):
     return out.reshape(x.shape)
 
 
-class _DenseLayerNorm(nn.Module):
+class _DenseLayerNorm(_BertPart):
   """HF BertSelfOutput / BertOutput: LN(x + dropout(dense(y)))."""
-
-  config: BertConfig
-  dtype: Any
-  param_dtype: Any
 
   @nn.compact
   def __call__(self, y, x, *, train):
@@ -188,27 +190,18 @@ class _DenseLayerNorm(nn.Module):
                         param_dtype=self.param_dtype, name="LayerNorm")(x + y)
 
 
-class _Attention(nn.Module):
+class _Attention(_BertPart):
   """HF BertAttention: self-attention then BertSelfOutput."""
-
-  config: BertConfig
-  dtype: Any
-  param_dtype: Any
 
   @nn.compact
   def __call__(self, x, bias, *, train):
-    kw = dict(config=self.config, dtype=self.dtype,
-              param_dtype=self.param_dtype)
+    kw = self.part_kw
     y = _SelfAttention(**kw, name="self")(x, bias, train=train)
     return _DenseLayerNorm(**kw, name="output")(y, x, train=train)
 
 
-class _Intermediate(nn.Module):
+class _Intermediate(_BertPart):
   """HF BertIntermediate: act(dense(x))."""
-
-  config: BertConfig
-  dtype: Any
-  param_dtype: Any
 
   @nn.compact
   def __call__(self, x):
@@ -220,17 +213,12 @@ class _Intermediate(nn.Module):
     return _ACTIVATIONS[c.hidden_act](y)
 
 
-class _Layer(nn.Module):
+class _Layer(_BertPart):
   """One post-LN BERT layer (HF BertLayer)."""
-
-  config: BertConfig
-  dtype: Any
-  param_dtype: Any
 
   @nn.compact
   def __call__(self, x, bias, *, train):
-    c = self.config
-    kw = dict(config=c, dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = self.part_kw
     x = _Attention(**kw, name="attention")(x, bias, train=train)
     y = _Intermediate(**kw, name="intermediate")(x)
     return _DenseLayerNorm(**kw, name="output")(y, x, train=train)
