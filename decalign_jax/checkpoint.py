@@ -4,6 +4,7 @@ Each checkpoint holds the `TrainState` and a small JSON `meta` record of the
 host-side loop state (epoch, best score, early-stopping counters, history).
 """
 
+import hashlib
 import os
 from typing import Any, Literal
 
@@ -18,7 +19,14 @@ def make_manager(directory: str, *,
   options = ocp.CheckpointManagerOptions(
       max_to_keep=1, create=True,
       best_fn=(lambda m: m["score"]) if best_mode else None,
-      best_mode=best_mode or "max")
+      best_mode=best_mode or "max",
+      # The latest and best managers save the same step, and across
+      # processes orbax keys its async-commit barriers by step: without a
+      # prefix per directory the two saves collide ("Barrier ... is already
+      # ongoing"). The path as given (same flag on every host), not abspath.
+      multiprocessing_options=ocp.options.MultiprocessingOptions(
+          barrier_sync_key_prefix=hashlib.sha1(
+              directory.encode()).hexdigest()[:16]))
   return ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
 
