@@ -15,6 +15,8 @@ import jax.numpy as jnp
 from decalign_jax.losses import decomposition
 from decalign_jax.losses import pooling
 from decalign_jax.models import align
+from decalign_jax.models import dots
+from decalign_jax.models import dropout as dropout_lib
 from decalign_jax.models import text as text_lib
 from decalign_jax.models import transformer as tfm
 
@@ -31,7 +33,7 @@ class DistributionEncoder(nn.Module):
   def __call__(self, x, *, deterministic=True):
     d = x.shape[-1]
     x = nn.relu(tfm.torch_dense(d, d, "net_0")(x))
-    x = nn.Dropout(self.dropout)(x, deterministic)
+    x = dropout_lib.Dropout(self.dropout)(x, deterministic)
     return tfm.torch_dense(self.latent_dim, d, "net_3")(x)
 
 
@@ -125,13 +127,14 @@ class DecAlign(nn.Module):
         text = jax.lax.stop_gradient(text)
       if self.use_sequence_mask:
         masks["l"] = attention.astype(text.dtype)
-    text = nn.Dropout(self.text_dropout)(text, det)
+    text = dropout_lib.Dropout(self.text_dropout)(text, det)
     inputs = {"l": text, "a": audio, "v": vision}
     d = self.d_model
 
     proj, s, c = {}, {}, {}
     encoder_com = nn.Dense(d, use_bias=False, name="encoder_com",
-                           kernel_init=tfm.torch_default_kernel_init)
+                           kernel_init=tfm.torch_default_kernel_init,
+                           dot_general=dots.dense_dot_general)
     for i, m in enumerate(align.MODALITIES):
       x = inputs[m]
       if self.feature_dims[i] != d:
@@ -144,7 +147,8 @@ class DecAlign(nn.Module):
         x = x * masks[m][..., None]
       proj[m] = x
       s[m] = nn.Dense(d, use_bias=False, name=f"encoder_uni_{m}",
-                      kernel_init=tfm.torch_default_kernel_init)(x)
+                      kernel_init=tfm.torch_default_kernel_init,
+                      dot_general=dots.dense_dot_general)(x)
       c[m] = encoder_com(x)
       self.sow("intermediates", f"projected_{m}", x)
 
@@ -195,7 +199,7 @@ class DecAlign(nn.Module):
     final_rep = jnp.concatenate(
         [h[m] for m in align.MODALITIES] +
         [c_avg[m] for m in align.MODALITIES], axis=-1)
-    out = nn.Dropout(self.output_dropout)(final_rep, det)
+    out = dropout_lib.Dropout(self.output_dropout)(final_rep, det)
     logits = tfm.torch_dense(self.num_outputs, 6 * d, "out_layer")(out)
     aux = {
         "losses": {"dec": dec_loss, "hete": hete_loss, "homo": homo_loss},

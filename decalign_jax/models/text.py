@@ -25,6 +25,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from decalign_jax.models import dots
+from decalign_jax.models import dropout as dropout_lib
+
 Activation = Literal["gelu", "gelu_new", "gelu_pytorch_tanh", "relu"]
 _ACTIVATIONS = {
     # HF "gelu" is the exact erf form; "gelu_new" is the tanh approximation.
@@ -149,7 +152,7 @@ class _Embeddings(_BertPart):
          + embed(c.type_vocab_size, "token_type_embeddings")(token_type_ids))
     x = nn.LayerNorm(epsilon=c.layer_norm_eps, dtype=self.dtype,
                      param_dtype=self.param_dtype, name="LayerNorm")(x)
-    return nn.Dropout(c.hidden_dropout_prob)(x, deterministic=not train)
+    return dropout_lib.Dropout(c.hidden_dropout_prob)(x, deterministic=not train)
 
 
 class _SelfAttention(_BertPart):
@@ -162,7 +165,8 @@ class _SelfAttention(_BertPart):
     hd = c.hidden_size // h
     dense = lambda name: nn.Dense(  # noqa: E731
         c.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
-        kernel_init=nn.initializers.normal(c.initializer_range), name=name)
+        kernel_init=nn.initializers.normal(c.initializer_range),
+        dot_general=dots.dense_dot_general, name=name)
     split = lambda y: y.reshape(*y.shape[:2], h, hd)  # noqa: E731
     q, k, v = (split(dense(n)(x)) for n in ("query", "key", "value"))
     logits = jnp.einsum("bqhc,bkhc->bhqk", q, k) / math.sqrt(hd)
@@ -170,7 +174,7 @@ class _SelfAttention(_BertPart):
     # float32 inputs this is HF's computation exactly.
     logits = logits.astype(jnp.float32) + bias
     weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    weights = nn.Dropout(c.attention_probs_dropout_prob)(
+    weights = dropout_lib.Dropout(c.attention_probs_dropout_prob)(
         weights, deterministic=not train)
     out = jnp.einsum("bhqk,bkhc->bqhc", weights, v)
     return out.reshape(x.shape)
@@ -184,8 +188,8 @@ class _DenseLayerNorm(_BertPart):
     c = self.config
     y = nn.Dense(c.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
                  kernel_init=nn.initializers.normal(c.initializer_range),
-                 name="dense")(y)
-    y = nn.Dropout(c.hidden_dropout_prob)(y, deterministic=not train)
+                 dot_general=dots.dense_dot_general, name="dense")(y)
+    y = dropout_lib.Dropout(c.hidden_dropout_prob)(y, deterministic=not train)
     return nn.LayerNorm(epsilon=c.layer_norm_eps, dtype=self.dtype,
                         param_dtype=self.param_dtype, name="LayerNorm")(x + y)
 
@@ -209,7 +213,7 @@ class _Intermediate(_BertPart):
     y = nn.Dense(c.intermediate_size, dtype=self.dtype,
                  param_dtype=self.param_dtype,
                  kernel_init=nn.initializers.normal(c.initializer_range),
-                 name="dense")(x)
+                 dot_general=dots.dense_dot_general, name="dense")(x)
     return _ACTIVATIONS[c.hidden_act](y)
 
 

@@ -1,0 +1,127 @@
+"""Matmuls with a backward pass that XLA:CPU runs on its fast path.
+
+XLA:CPU gives a dot to XNNPACK only when the left operand contracts over its
+minor dimension. The weight gradient of `y = x @ w`, `x^T @ g`, and the key /
+value gradients of attention contract over the major one; XLA then runs them
+on its generic Eigen path, 1.3-2.5x slower at our shapes (measured, see
+`benchmarks/README.md`), and they were the largest single cost of the
+backward. On CPU the backward here materialises the transpose of the *small*
+operand (and of the small result) behind `optimization_barrier`s, so that XLA
+cannot fold the transposes back into the dot, and computes a plain product.
+`lax.platform_dependent` picks that form at lowering time on CPU only; on
+GPU/TPU the backward is the usual one. Forward values are unchanged; gradients
+differ from autodiff's only by float summation order.
+"""
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+
+_barrier = lax.optimization_barrier
+
+
+def _swap(x: jax.Array) -> jax.Array:
+  return jnp.swapaxes(x, -1, -2)
+
+
+def _cpu_or_default(cpu, default, *args):
+  return lax.platform_dependent(*args, cpu=cpu, default=default)
+
+
+# --- y = x @ w over the last axis of x (nn.Dense) --------------------------
+
+
+@jax.custom_vjp
+def linear(x: jax.Array, w: jax.Array) -> jax.Array:
+  """`x [..., K] @ w [K, N] -> [..., N]`."""
+  return jnp.matmul(x, w)
+
+
+def _linear_fwd(x, w):
+  return linear(x, w), (x, w)
+
+
+def _linear_bwd(res, g):
+  x, w = res
+  dx = jnp.matmul(g, w.T)
+  x2 = x.reshape(-1, x.shape[-1])
+  g2 = g.reshape(-1, g.shape[-1])
+  if x2.shape[1] <= g2.shape[1]:
+    # Transpose the narrower operand: [K, M] @ [M, N].
+    cpu = lambda a, b: jnp.matmul(_barrier(a.T), b)  # noqa: E731
+  else:
+    # (g^T x)^T: [N, M] @ [M, K], then a small [N, K] transpose.
+    cpu = lambda a, b: _barrier(jnp.matmul(_barrier(b.T), a)).T  # noqa: E731
+  dw = _cpu_or_default(cpu, lambda a, b: jnp.matmul(a.T, b), x2, g2)
+  return dx, dw
+
+
+linear.defvjp(_linear_fwd, _linear_bwd)
+
+
+def dense_dot_general(lhs, rhs, dimension_numbers, precision=None,
+                      preferred_element_type=None, **kw):
+  """Drop-in `dot_general` for `nn.Dense` (`nn.Dense(..., dot_general=...)`).
+
+  Dense's contraction (last axis of the input with the kernel's first, no
+  batch axes) at default precision goes through `linear`; anything else falls
+  back to `lax.dot_general`.
+  """
+  (lc, rc), (lb, rb) = dimension_numbers
+  standard = (tuple(lc) == (lhs.ndim - 1,) and tuple(rc) == (0,)
+              and not lb and not rb and rhs.ndim == 2 and precision is None
+              and preferred_element_type is None and not kw)
+  if not standard:
+    return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                           preferred_element_type=preferred_element_type,
+                           **kw)
+  return linear(lhs, rhs)
+
+
+# --- attention products over batch axes [..., T, C] ------------------------
+
+
+def tn_product(a, b):
+  """`einsum('...qk,...qc->...kc', a, b)`: contraction over the major axis."""
+  return _cpu_or_default(
+      # (b^T a)^T with both small transposes materialised: [..., C, Q] x
+      # [..., Q, K] is a plain product.
+      lambda a, b: _swap(_barrier(jnp.matmul(_barrier(_swap(b)), a))),
+      lambda a, b: jnp.einsum("...qk,...qc->...kc", a, b),
+      a, b)
+
+
+@jax.custom_vjp
+def attention_logits(q: jax.Array, k: jax.Array) -> jax.Array:
+  """`q [..., Q, C] . k [..., K, C] -> [..., Q, K]` (unscaled)."""
+  return jnp.einsum("...qc,...kc->...qk", q, k)
+
+
+def _logits_fwd(q, k):
+  return attention_logits(q, k), (q, k)
+
+
+def _logits_bwd(res, g):
+  q, k = res
+  return jnp.matmul(g, k), tn_product(g, q)
+
+
+attention_logits.defvjp(_logits_fwd, _logits_bwd)
+
+
+@jax.custom_vjp
+def attention_values(p: jax.Array, v: jax.Array) -> jax.Array:
+  """`p [..., Q, K] @ v [..., K, C] -> [..., Q, C]`."""
+  return jnp.matmul(p, v)
+
+
+def _values_fwd(p, v):
+  return attention_values(p, v), (p, v)
+
+
+def _values_bwd(res, g):
+  p, v = res
+  return jnp.einsum("...qc,...kc->...qk", g, v), tn_product(p, g)
+
+
+attention_values.defvjp(_values_fwd, _values_bwd)
