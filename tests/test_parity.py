@@ -153,6 +153,14 @@ def test_two_adam_steps_with_clipping():
   tx = optim.make_optimizer(cfg)
   opt_state = tx.init(params)
   _close(optax.tree.norm(grads), g["step1/grad_norm_preclip"], "preclip")
+  # Adam divides by |g'|, g' = clipped gradient + weight_decay * param. Where
+  # g' cancels to float32 noise of the gradient, the update's size and sign
+  # are noise too (it happens to ~1 element in 10^4, e.g. g' = -4e-9 from
+  # 2.3e-3 - 2.3e-3): those elements are compared to within 3 lr.
+  clip = min(1.0, cfg.optim.clip / float(g["step1/grad_norm_preclip"]))
+  noisy = {
+      name: np.abs(clip * g[f"grad/{name}"] + cfg.optim.weight_decay * g[name])
+      < 1e-7 for name in convert.params_to_reference(params, cfg)}
   for k in (1, 2):
     if k == 2:
       _, _, total, _, grads = pu.loss_and_grads_at("small_regression", params)
@@ -168,7 +176,12 @@ def test_two_adam_steps_with_clipping():
         # After Adam the key bias is noise of size ~lr: absolute only.
         _close(value, expected, name, 0, 3 * cfg.optim.lr)
         continue
-      _close(value, expected, f"step{k} {name}")
+      value, expected = np.asarray(value), np.asarray(expected)
+      ok = ~noisy[name]
+      assert noisy[name].mean() < 1e-3, name
+      _close(value[ok], expected[ok], f"step{k} {name}")
+      _close(value[~ok], expected[~ok], f"step{k} {name} (noisy g')", 0,
+             3 * cfg.optim.lr)
 
 
 def test_converter_round_trip_and_errors():

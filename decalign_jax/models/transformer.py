@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from decalign_jax.models import attention as attention_lib
 from decalign_jax.models import dots
 from decalign_jax.models import dropout as dropout_lib
 
@@ -102,13 +103,11 @@ class MultiheadAttention(nn.Module):
     q = split(proj("q_proj")(query))
     k = split(proj("k_proj")(key))
     v = split(proj("v_proj")(value))
-    logits = dots.attention_logits(q, k) / math.sqrt(hd)
-    if mask is not None:
-      logits = jnp.where(mask, logits, -jnp.inf)
-    weights = jax.nn.softmax(logits, axis=-1)
+    rate = 0.0 if deterministic else self.attn_dropout
+    out, weights = attention_lib.attention(
+        q, k, v, mask=mask, dropout_rate=rate,
+        dropout_key=self.make_rng("dropout") if rate else None)
     self.sow("intermediates", "attn_weights", weights)
-    dropped = dropout_lib.Dropout(self.attn_dropout)(weights, deterministic)
-    out = dots.attention_values(dropped, v)
     out = out.transpose(0, 2, 1, 3).reshape(query.shape)
     out = nn.Dense(d, kernel_init=torch_default_kernel_init,
                    bias_init=nn.initializers.zeros,

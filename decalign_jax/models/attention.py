@@ -1,0 +1,118 @@
+"""Scaled dot-product attention with dropout, and a hand-written backward.
+
+Forward (MulT / reference order): `logits = (q . k) / sqrt(C)`, masked,
+`w = softmax(logits)`, `out = dropout(w) @ v`. The backward is the
+FlashAttention one, written in JAX: with `g = dL/d out`,
+
+    D = rowsum(g * out)                     # [.., Q], not a [.., Q, K] pass
+    dW = dropout'(g @ v^T)
+    dlogits = w * (dW - D) / sqrt(C)
+
+since `sum_k dW w = sum_k (g v^T) dropout(w) = sum_c g out`. Autodiff of the
+same forward reduces `dW * w` over the [Q, K] weights instead, and recomputes
+the dropout mask twice. The dropout mask is drawn once per pass from the
+16-bit generator of `dropout.py`. The key / value products use the fast CPU
+form of `dots.py`. Values equal autodiff's to float32 rounding.
+"""
+
+import functools
+import math
+
+import jax
+from jax import custom_derivatives
+import jax.numpy as jnp
+
+from decalign_jax.models import dots
+from decalign_jax.models import dropout as dropout_lib
+
+
+def _softmax_weights(q, k, mask):
+  logits = dots.attention_logits(q, k) / math.sqrt(q.shape[-1])
+  if mask is not None:
+    logits = jnp.where(mask, logits, -jnp.inf)
+  return jax.nn.softmax(logits, axis=-1)
+
+
+def _keep_and_scale(shape, rate, key):
+  threshold = dropout_lib.keep_threshold(rate)
+  keep = dropout_lib.random_bits16(key, shape) < jnp.uint16(threshold)
+  return keep, 2.0**16 / threshold
+
+
+def _apply_dropout(w, rate, key):
+  """`(dropped weights, (keep, scale) or None)`; rate 0 keeps everything."""
+  if rate == 0.0:
+    return w, None
+  if rate == 1.0 or dropout_lib.keep_threshold(rate) == 0:
+    return jnp.zeros_like(w), (jnp.zeros(w.shape, bool), 0.0)
+  keep, scale = _keep_and_scale(w.shape, rate, key)
+  return jnp.where(keep, w * jnp.asarray(scale, w.dtype), 0), (keep, scale)
+
+
+def _value(x):
+  return x.value if isinstance(x, custom_derivatives.CustomVJPPrimal) else x
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _attention(q, k, v, mask, key, rate):
+  w = _softmax_weights(q, k, mask)
+  wd, _ = _apply_dropout(w, rate, key)
+  return dots.attention_values(wd, v), w
+
+
+def _attention_fwd(q, k, v, mask, key, rate):
+  q, k, v, mask, key = map(_value, (q, k, v, mask, key))
+  w = _softmax_weights(q, k, mask)
+  wd, _ = _apply_dropout(w, rate, key)
+  out = jnp.matmul(wd, v)
+  return (out, w), (q, k, v, key, w, out)
+
+
+def _attention_bwd(rate, res, cts):
+  q, k, v, key, w, out = res
+  g, g_weights = cts
+  zero = custom_derivatives.SymbolicZero
+  if isinstance(g, zero):
+    g = jnp.zeros_like(out)
+  d_row = jnp.sum(g * out, axis=-1, keepdims=True)
+  d_dropped = jnp.einsum("...qc,...kc->...qk", g, v)
+  wd, drop = _apply_dropout(w, rate, key)
+  if drop is None:
+    d_w = d_dropped
+  else:
+    keep, scale = drop
+    d_w = jnp.where(keep, d_dropped * jnp.asarray(scale, w.dtype), 0)
+  if not isinstance(g_weights, zero):
+    # A cotangent on the returned weights adds its own softmax term.
+    d_w = d_w + g_weights
+    d_row = d_row + jnp.sum(g_weights * w, axis=-1, keepdims=True)
+  d_logits = w * (d_w - d_row) / math.sqrt(q.shape[-1])
+  dq = jnp.matmul(d_logits, k)
+  dk = dots.tn_product(d_logits, q)
+  dv = dots.tn_product(wd, g)
+  return dq, dk, dv, None, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd, symbolic_zeros=True)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
+              mask: jax.Array | None = None, dropout_rate: float = 0.0,
+              dropout_key: jax.Array | None = None
+              ) -> tuple[jax.Array, jax.Array]:
+  """Multi-head attention core on heads-first arrays.
+
+  Args:
+    q: `[..., Q, C]` queries.
+    k: `[..., K, C]` keys.
+    v: `[..., K, C]` values.
+    mask: optional `[Q, K]` bool, True = attend.
+    dropout_rate: dropout on the attention weights (0 = off).
+    dropout_key: PRNG key, required when `dropout_rate > 0`.
+
+  Returns:
+    `([..., Q, C] output, [..., Q, K] post-softmax weights before dropout)`.
+  """
+  if dropout_rate > 0.0 and dropout_key is None:
+    raise ValueError("attention dropout_rate > 0 needs a dropout_key")
+  return _attention(q, k, v, mask, dropout_key, float(dropout_rate))
