@@ -27,7 +27,12 @@ def make_manager(directory: str, *,
       multiprocessing_options=ocp.options.MultiprocessingOptions(
           barrier_sync_key_prefix=hashlib.sha1(
               directory.encode()).hexdigest()[:16]))
-  return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+  return ocp.CheckpointManager(_absolute(directory), options=options)
+
+
+def _absolute(directory: str) -> str:
+  """Local paths made absolute; URLs (`gs://bucket/run`) kept as given."""
+  return directory if "://" in directory else os.path.abspath(directory)
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any,

@@ -19,6 +19,7 @@ from typing import Any
 from absl import app
 from absl import flags
 from absl import logging as absl_logging
+from etils import epath
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -69,7 +70,7 @@ class _MetricWriter:
 
   def write(self, record: dict[str, Any]) -> None:
     if self._enabled:
-      with open(self._path, "a") as f:
+      with epath.Path(self._path).open("a") as f:
         f.write(json.dumps(record) + "\n")
 
 
@@ -157,7 +158,7 @@ def run_one(config: ml_collections.ConfigDict, workdir: str, *,
   Returns:
     `{"valid": metrics, "test": metrics, "best_epoch": int, ...}`.
   """
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   mesh = sharding.make_mesh(config.mesh)
   data_sharding = sharding.data_sharding(mesh)
   task = task or TASKS[config.task](
@@ -296,10 +297,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   task_config = config.copy_and_resolve_references()
   splits = sentiment.load_splits(task_config, workdir) if (
       config.task == "sentiment") else None
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    (epath.Path(workdir) / "config.json").write_text(
+        config.to_json_best_effort(indent=2))
   per_seed = {}
   for seed in seeds:
     seed_config = config.copy_and_resolve_references()
@@ -320,8 +321,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   }
   if jax.process_index() == 0:
     name = "results.json" if mode == "train" else "test_results.json"
-    with open(os.path.join(workdir, name), "w") as f:
-      json.dump(results, f, indent=2)
+    (epath.Path(workdir) / name).write_text(json.dumps(results, indent=2))
     _print_table(per_seed, results)
   return results
 

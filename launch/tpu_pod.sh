@@ -6,8 +6,8 @@
 # Each worker clones (or updates) the repo, installs it with the TPU jaxlib
 # and starts the same command; jax.distributed.initialize() finds the other
 # workers from the TPU metadata (DECALIGN_DISTRIBUTED=1). The workdir should
-# be on shared storage (e.g. gs://...) so every worker's checkpoint shards
-# land in one place.
+# be on shared storage (e.g. gs://..., written through etils.epath and
+# gcsfs) so every worker's checkpoint shards land in one place.
 set -euo pipefail
 if [ $# -lt 3 ]; then
   echo "usage: $0 TPU_NAME ZONE \"TRAIN ARGS\" [REPO_URL]" >&2
@@ -19,5 +19,5 @@ gcloud compute tpus tpu-vm ssh "$name" --zone "$zone" --worker=all \
   --command "set -e
     [ -d decalign_jax ] || git clone $repo decalign_jax
     cd decalign_jax && git pull --ff-only
-    python3 -m pip install -q -e . 'jax[tpu]'
+    python3 -m pip install -q -e . 'jax[tpu]' gcsfs
     DECALIGN_DISTRIBUTED=1 python3 -m decalign_jax.train $args"

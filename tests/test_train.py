@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+from decalign_jax import checkpoint
 from decalign_jax import train
 from decalign_jax.data import mmsa
 from decalign_jax.data import synthetic
@@ -166,3 +167,10 @@ def test_iemocap_config_trains_on_a_classification_pickle(tmp_path):
   assert results["selection_metric"] == "WAF1"
   # The baseline predicts the majority training class.
   assert 0 < results["baseline"]["Acc"] < 0.5
+
+
+def test_checkpoint_directories_keep_urls():
+  # A pod's workdir on shared storage must not be turned into a local path.
+  assert checkpoint._absolute("gs://bucket/mosi/ckpt/latest") == (
+      "gs://bucket/mosi/ckpt/latest")
+  assert checkpoint._absolute("runs/x/ckpt") == os.path.abspath("runs/x/ckpt")
