@@ -62,16 +62,22 @@ def _score_for_plateau(value: float, mode: str) -> float:
 
 
 class _MetricWriter:
-  """Appends JSON lines to workdir/metrics.jsonl (process 0 only)."""
+  """Adds JSON lines to workdir/metrics.jsonl (process 0 only).
+
+  The file is rewritten whole on each record (a few per epoch): object
+  stores behind epath (gs:// through gcsfs) have no append mode.
+  """
 
   def __init__(self, workdir: str):
-    self._path = os.path.join(workdir, "metrics.jsonl")
+    self._path = epath.Path(workdir) / "metrics.jsonl"
     self._enabled = jax.process_index() == 0
+    self._text = self._path.read_text() if (
+        self._enabled and self._path.exists()) else ""
 
   def write(self, record: dict[str, Any]) -> None:
     if self._enabled:
-      with epath.Path(self._path).open("a") as f:
-        f.write(json.dumps(record) + "\n")
+      self._text += json.dumps(record) + "\n"
+      self._path.write_text(self._text)
 
 
 def _predict_all(eval_fn, params, batches, data_sharding):

@@ -154,9 +154,10 @@ def test_two_adam_steps_with_clipping():
   opt_state = tx.init(params)
   _close(optax.tree.norm(grads), g["step1/grad_norm_preclip"], "preclip")
   # Adam divides by |g'|, g' = clipped gradient + weight_decay * param. Where
-  # g' cancels to float32 noise of the gradient, the update's size and sign
-  # are noise too (it happens to ~1 element in 10^4, e.g. g' = -4e-9 from
-  # 2.3e-3 - 2.3e-3): those elements are compared to within 3 lr.
+  # g' cancels to float32 noise of the gradient, the update's size is noise
+  # too (it happens to ~1 element in 10^4, e.g. g' = -4e-9 from
+  # 2.3e-3 - 2.3e-3, updated by 0.29 lr vs the reference's 0.33 lr): those
+  # elements are compared to within lr, one Adam step.
   clip = min(1.0, cfg.optim.clip / float(g["step1/grad_norm_preclip"]))
   noisy = {
       name: np.abs(clip * g[f"grad/{name}"] + cfg.optim.weight_decay * g[name])
@@ -181,7 +182,7 @@ def test_two_adam_steps_with_clipping():
       assert noisy[name].mean() < 1e-3, name
       _close(value[ok], expected[ok], f"step{k} {name}")
       _close(value[~ok], expected[~ok], f"step{k} {name} (noisy g')", 0,
-             3 * cfg.optim.lr)
+             cfg.optim.lr)
 
 
 def test_converter_round_trip_and_errors():

@@ -174,3 +174,12 @@ def test_checkpoint_directories_keep_urls():
   assert checkpoint._absolute("gs://bucket/mosi/ckpt/latest") == (
       "gs://bucket/mosi/ckpt/latest")
   assert checkpoint._absolute("runs/x/ckpt") == os.path.abspath("runs/x/ckpt")
+
+
+def test_metric_writer_keeps_earlier_records_on_resume(tmp_path):
+  writer = train._MetricWriter(str(tmp_path))
+  writer.write({"epoch": 1})
+  writer.write({"epoch": 2})
+  train._MetricWriter(str(tmp_path)).write({"epoch": 3})  # a resumed run
+  lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+  assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]

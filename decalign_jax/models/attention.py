@@ -33,19 +33,13 @@ def _softmax_weights(q, k, mask):
   return jax.nn.softmax(logits, axis=-1)
 
 
-def _keep_and_scale(shape, rate, key):
-  threshold = dropout_lib.keep_threshold(rate)
-  keep = dropout_lib.random_bits16(key, shape) < jnp.uint16(threshold)
-  return keep, 2.0**16 / threshold
-
-
 def _apply_dropout(w, rate, key):
-  """`(dropped weights, (keep, scale) or None)`; rate 0 keeps everything."""
+  """`(dropped weights, (keep, scale) or None)`; None when nothing drops."""
   if rate == 0.0:
     return w, None
-  if rate == 1.0 or dropout_lib.keep_threshold(rate) == 0:
-    return jnp.zeros_like(w), (jnp.zeros(w.shape, bool), 0.0)
-  keep, scale = _keep_and_scale(w.shape, rate, key)
+  keep, scale = dropout_lib.keep_mask(key, w.shape, rate)
+  if keep is None:
+    return w, None
   return jnp.where(keep, w * jnp.asarray(scale, w.dtype), 0), (keep, scale)
 
 
@@ -87,9 +81,9 @@ def _attention_bwd(rate, res, cts):
     d_w = d_w + g_weights
     d_row = d_row + jnp.sum(g_weights * w, axis=-1, keepdims=True)
   d_logits = w * (d_w - d_row) / math.sqrt(q.shape[-1])
-  dq = jnp.matmul(d_logits, k)
-  dk = dots.tn_product(d_logits, q)
-  dv = dots.tn_product(wd, g)
+  dq = jnp.matmul(d_logits, k).astype(q.dtype)
+  dk = dots.tn_product(d_logits, q).astype(k.dtype)
+  dv = dots.tn_product(wd, g).astype(v.dtype)
   return dq, dk, dv, None, None
 
 
@@ -113,6 +107,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   Returns:
     `([..., Q, C] output, [..., Q, K] post-softmax weights before dropout)`.
   """
+  dropout_lib.keep_threshold(dropout_rate)  # validates the rate
   if dropout_rate > 0.0 and dropout_key is None:
     raise ValueError("attention dropout_rate > 0 needs a dropout_key")
   return _attention(q, k, v, mask, dropout_key, float(dropout_rate))

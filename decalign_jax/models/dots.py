@@ -11,6 +11,11 @@ cannot fold the transposes back into the dot, and computes a plain product.
 `lax.platform_dependent` picks that form at lowering time on CPU only; on
 GPU/TPU the backward is the usual one. Forward values are unchanged; gradients
 differ from autodiff's only by float summation order.
+
+Limits of `custom_vjp`: forward-mode autodiff (`jax.jvp`, `jax.hessian`) is
+not defined through these; they are meant for `jit` with `Auto` mesh axes
+(`sharding.make_mesh`), not for per-device code under `shard_map` or
+`Explicit` axes, where autodiff's own rules handle the shardings.
 """
 
 import jax
@@ -33,7 +38,7 @@ def _cpu_or_default(cpu, default, *args):
 
 @jax.custom_vjp
 def linear(x: jax.Array, w: jax.Array) -> jax.Array:
-  """`x [..., K] @ w [K, N] -> [..., N]`."""
+  """`x [..., K] @ w [K, N] -> [..., N]` (gradients in the inputs' dtypes)."""
   return jnp.matmul(x, w)
 
 
@@ -53,7 +58,7 @@ def _linear_bwd(res, g):
     # (g^T x)^T: [N, M] @ [M, K], then a small [N, K] transpose.
     cpu = lambda a, b: _barrier(jnp.matmul(_barrier(b.T), a)).T  # noqa: E731
   dw = _cpu_or_default(cpu, lambda a, b: jnp.matmul(a.T, b), x2, g2)
-  return dx, dw
+  return dx.astype(x.dtype), dw.astype(w.dtype)
 
 
 linear.defvjp(_linear_fwd, _linear_bwd)
@@ -66,6 +71,17 @@ def dense_dot_general(lhs, rhs, dimension_numbers, precision=None,
   Dense's contraction (last axis of the input with the kernel's first, no
   batch axes) at default precision goes through `linear`; anything else falls
   back to `lax.dot_general`.
+
+  Args:
+    lhs: the input `[..., K]`.
+    rhs: the kernel `[K, N]`.
+    dimension_numbers: as for `lax.dot_general`.
+    precision: as for `lax.dot_general`.
+    preferred_element_type: as for `lax.dot_general`.
+    **kw: further `lax.dot_general` arguments (force the fallback).
+
+  Returns:
+    `lax.dot_general(lhs, rhs, dimension_numbers, ...)`.
   """
   (lc, rc), (lb, rb) = dimension_numbers
   standard = (tuple(lc) == (lhs.ndim - 1,) and tuple(rc) == (0,)
@@ -81,8 +97,16 @@ def dense_dot_general(lhs, rhs, dimension_numbers, precision=None,
 # --- attention products over batch axes [..., T, C] ------------------------
 
 
-def tn_product(a, b):
-  """`einsum('...qk,...qc->...kc', a, b)`: contraction over the major axis."""
+def tn_product(a: jax.Array, b: jax.Array) -> jax.Array:
+  """`einsum('...qk,...qc->...kc', a, b)`: contraction over the major axis.
+
+  Args:
+    a: `[..., Q, K]`, the large operand (attention-weight sized).
+    b: `[..., Q, C]`, the small one (C a head's width).
+
+  Returns:
+    `[..., K, C]`; on CPU computed as a plain `[C, Q] x [Q, K]` product.
+  """
   return _cpu_or_default(
       # (b^T a)^T with both small transposes materialised: [..., C, Q] x
       # [..., Q, K] is a plain product.
@@ -103,7 +127,7 @@ def _logits_fwd(q, k):
 
 def _logits_bwd(res, g):
   q, k = res
-  return jnp.matmul(g, k), tn_product(g, q)
+  return jnp.matmul(g, k).astype(q.dtype), tn_product(g, q).astype(k.dtype)
 
 
 attention_logits.defvjp(_logits_fwd, _logits_bwd)
@@ -121,7 +145,8 @@ def _values_fwd(p, v):
 
 def _values_bwd(res, g):
   p, v = res
-  return jnp.einsum("...qc,...kc->...qk", g, v), tn_product(p, g)
+  dp = jnp.einsum("...qc,...kc->...qk", g, v)
+  return dp.astype(p.dtype), tn_product(p, g).astype(v.dtype)
 
 
 attention_values.defvjp(_values_fwd, _values_bwd)

@@ -23,23 +23,42 @@ _BITS = 16
 
 
 def keep_threshold(rate: float) -> int:
-  """The 16-bit threshold; P(keep) = threshold / 2^16."""
+  """The 16-bit keep threshold: P(keep) = threshold / 2^16.
+
+  Args:
+    rate: dropout rate in [0, 1].
+
+  Returns:
+    `round((1 - rate) * 2^16)`.
+  """
+  if not 0.0 <= rate <= 1.0:
+    raise ValueError(f"dropout rate must be in [0, 1], got {rate}")
   return round((1.0 - rate) * 2**_BITS)
 
 
 def _threefry_key_words(key: jax.Array):
+  """The two uint32 key words of a Threefry key (typed or raw), else None."""
   if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-    if jax.random.key_impl(key) != jex_random.threefry_prng_impl:
+    # key_impl gives the implementation's name (a str in current JAX).
+    if str(jax.random.key_impl(key)) != jex_random.threefry_prng_impl.name:
       return None
     key = jax.random.key_data(key)
   return (key[0], key[1]) if key.shape == (2,) else None
 
 
 def random_bits16(key: jax.Array, shape) -> jax.Array:
-  """`uint16[shape]` random bits, four per Threefry-2x32 hash.
+  """Random bits, four 16-bit draws per Threefry-2x32 hash.
 
-  Element `[..., j]` comes from hash `(i, j // 4)` of row `i` of the leading
-  axes; non-Threefry keys fall back to `jax.random.bits` (two per draw).
+  Element `[..., j]` comes from hash `(i, j // 4)`, `i` the row-major index
+  over the leading axes (which must number fewer than 2^32). Keys of another
+  PRNG implementation fall back to `jax.random.bits` (two draws per word).
+
+  Args:
+    key: a typed or raw PRNG key.
+    shape: output shape, at least 1-D.
+
+  Returns:
+    `uint16[shape]`.
   """
   *lead, n = shape
   words = _threefry_key_words(key)
@@ -59,20 +78,44 @@ def random_bits16(key: jax.Array, shape) -> jax.Array:
   return halves.reshape(*lead, -1)[..., :n]
 
 
-def dropout(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
-  """Inverted dropout with 16-bit keep decisions (see the module docstring)."""
-  if rate == 0.0:
-    return x
-  if rate == 1.0:
-    return jnp.zeros_like(x)
+def keep_mask(key: jax.Array, shape, rate: float
+              ) -> tuple[jax.Array | None, float]:
+  """Which elements survive dropout, and their scale.
+
+  Args:
+    key: PRNG key (unused when nothing or everything is dropped).
+    shape: the shape to mask.
+    rate: dropout rate in [0, 1].
+
+  Returns:
+    `(keep, scale)`: `keep` a bool array, or None when the rate rounds to
+    keeping everything (scale 1); `scale` the inverse of the realised keep
+    probability, 0 when everything is dropped.
+  """
   threshold = keep_threshold(rate)
-  if threshold == 0:
-    return jnp.zeros_like(x)
   if threshold == 2**_BITS:
+    return None, 1.0
+  if threshold == 0:
+    return jnp.zeros(shape, bool), 0.0
+  keep = random_bits16(key, shape) < jnp.uint16(threshold)
+  return keep, 2**_BITS / threshold
+
+
+def dropout(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
+  """Inverted dropout with 16-bit keep decisions (see the module docstring).
+
+  Args:
+    x: input.
+    rate: dropout rate in [0, 1].
+    key: PRNG key.
+
+  Returns:
+    `x * keep / P(keep)`, of `x`'s shape and dtype.
+  """
+  keep, scale = keep_mask(key, x.shape, rate)
+  if keep is None:
     return x
-  keep = random_bits16(key, x.shape) < jnp.uint16(threshold)
-  scale = jnp.asarray(2**_BITS / threshold, x.dtype)
-  return lax.select(keep, x * scale, jnp.zeros_like(x))
+  return jnp.where(keep, x * jnp.asarray(scale, x.dtype), jnp.zeros_like(x))
 
 
 class Dropout(nn.Module):
@@ -82,7 +125,7 @@ class Dropout(nn.Module):
   rng_collection: str = "dropout"
 
   @nn.compact
-  def __call__(self, x, deterministic: bool = True):
+  def __call__(self, x, deterministic: bool):
     if deterministic or self.rate == 0.0:
       return x
     return dropout(x, self.rate, self.make_rng(self.rng_collection))

@@ -152,7 +152,8 @@ class _Embeddings(_BertPart):
          + embed(c.type_vocab_size, "token_type_embeddings")(token_type_ids))
     x = nn.LayerNorm(epsilon=c.layer_norm_eps, dtype=self.dtype,
                      param_dtype=self.param_dtype, name="LayerNorm")(x)
-    return dropout_lib.Dropout(c.hidden_dropout_prob)(x, deterministic=not train)
+    return dropout_lib.Dropout(c.hidden_dropout_prob)(
+        x, deterministic=not train)
 
 
 class _SelfAttention(_BertPart):

@@ -63,3 +63,22 @@ def test_dropout_uses_the_key_and_needs_one():
   assert not np.allclose(a, b) and not np.allclose(a, c)
   with pytest.raises(ValueError, match="dropout_key"):
     attention.attention(Q, K, V, dropout_rate=0.1)
+  with pytest.raises(ValueError, match="dropout rate"):
+    attention.attention(Q, K, V, dropout_rate=1.5, dropout_key=KEY)
+
+
+def test_extreme_rates():
+  # A rate that rounds to keeping everything, and one that drops everything.
+  tiny, _ = attention.attention(Q, K, V, dropout_rate=1e-6, dropout_key=KEY)
+  np.testing.assert_array_equal(tiny, attention.attention(Q, K, V)[0])
+  grads = jax.grad(lambda v: jnp.sum(attention.attention(
+      Q, K, v, dropout_rate=1.0, dropout_key=KEY)[0]))(V)
+  np.testing.assert_array_equal(grads, np.zeros_like(V))
+
+
+def test_gradients_keep_input_dtypes():
+  q, k = Q.astype(jnp.bfloat16), K.astype(jnp.bfloat16)
+  grads = jax.grad(lambda q, k, v: jnp.sum(
+      attention.attention(q, k, v)[0].astype(jnp.float32)),
+                   argnums=(0, 1, 2))(q, k, V)
+  assert [g.dtype for g in grads] == [jnp.bfloat16, jnp.bfloat16, V.dtype]

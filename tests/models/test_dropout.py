@@ -44,7 +44,13 @@ def test_deterministic_per_key_and_shape_of_odd_widths():
   a = dropout_lib.random_bits16(key, (3, 5, 7))
   np.testing.assert_array_equal(a, dropout_lib.random_bits16(key, (3, 5, 7)))
   other = dropout_lib.random_bits16(jax.random.key(8), (3, 5, 7))
-  assert a.shape == (3, 5, 7) and (np.asarray(a) != np.asarray(other)).mean() > 0.9
+  assert a.shape == (3, 5, 7)
+  assert (np.asarray(a) != np.asarray(other)).mean() > 0.9
+  # A raw uint32[2] key and the typed key with the same data draw the same
+  # bits (both take the four-per-hash path).
+  np.testing.assert_array_equal(
+      dropout_lib.random_bits16(jax.random.PRNGKey(7), (3, 5, 7)), a)
+  assert dropout_lib._threefry_key_words(key) is not None
   # Rows draw from different counters.
   assert not np.array_equal(a[0], a[1])
 
@@ -56,6 +62,9 @@ def test_edge_rates_and_gradient():
   np.testing.assert_array_equal(dropout_lib.dropout(x, 1.0, key), 0 * x)
   np.testing.assert_array_equal(dropout_lib.dropout(x, 1 - 1e-7, key), 0 * x)
   np.testing.assert_array_equal(dropout_lib.dropout(x, 1e-7, key), x)
+  for bad in (-0.1, 1.5):
+    with pytest.raises(ValueError, match="dropout rate"):
+      dropout_lib.dropout(x, bad, key)
   y = dropout_lib.dropout(x, 0.5, key)
   g = jax.grad(lambda x: jnp.sum(dropout_lib.dropout(x, 0.5, key)))(x)
   np.testing.assert_array_equal(g, np.where(np.asarray(y) != 0, 2.0, 0.0))
