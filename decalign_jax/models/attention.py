@@ -12,7 +12,10 @@ since `sum_k dW w = sum_k (g v^T) dropout(w) = sum_c g out`. Autodiff of the
 same forward reduces `dW * w` over the [Q, K] weights instead, and recomputes
 the dropout mask twice. The dropout mask is drawn once per pass from the
 16-bit generator of `dropout.py`. The key / value products use the fast CPU
-form of `dots.py`. Values equal autodiff's to float32 rounding.
+form of `dots.py`. Values equal autodiff's to float32 rounding. As for any
+`custom_vjp`, forward-mode autodiff (`jax.jvp`, `jax.hessian`) is not defined.
+`jax.nn.dot_product_attention` has no dropout on the weights, which the
+reference applies; hence this core.
 """
 
 import functools

@@ -33,6 +33,11 @@ def _cpu_or_default(cpu, default, *args):
   return lax.platform_dependent(*args, cpu=cpu, default=default)
 
 
+def _fwd_saving_inputs(f):
+  """A custom-VJP forward rule that keeps both inputs as the residuals."""
+  return lambda a, b: (f(a, b), (a, b))
+
+
 # --- y = x @ w over the last axis of x (nn.Dense) --------------------------
 
 
@@ -40,10 +45,6 @@ def _cpu_or_default(cpu, default, *args):
 def linear(x: jax.Array, w: jax.Array) -> jax.Array:
   """`x [..., K] @ w [K, N] -> [..., N]` (gradients in the inputs' dtypes)."""
   return jnp.matmul(x, w)
-
-
-def _linear_fwd(x, w):
-  return linear(x, w), (x, w)
 
 
 def _linear_bwd(res, g):
@@ -61,7 +62,7 @@ def _linear_bwd(res, g):
   return dx.astype(x.dtype), dw.astype(w.dtype)
 
 
-linear.defvjp(_linear_fwd, _linear_bwd)
+linear.defvjp(_fwd_saving_inputs(linear), _linear_bwd)
 
 
 def dense_dot_general(lhs, rhs, dimension_numbers, precision=None,
@@ -121,16 +122,12 @@ def attention_logits(q: jax.Array, k: jax.Array) -> jax.Array:
   return jnp.einsum("...qc,...kc->...qk", q, k)
 
 
-def _logits_fwd(q, k):
-  return attention_logits(q, k), (q, k)
-
-
 def _logits_bwd(res, g):
   q, k = res
   return jnp.matmul(g, k).astype(q.dtype), tn_product(g, q).astype(k.dtype)
 
 
-attention_logits.defvjp(_logits_fwd, _logits_bwd)
+attention_logits.defvjp(_fwd_saving_inputs(attention_logits), _logits_bwd)
 
 
 @jax.custom_vjp
@@ -139,14 +136,10 @@ def attention_values(p: jax.Array, v: jax.Array) -> jax.Array:
   return jnp.matmul(p, v)
 
 
-def _values_fwd(p, v):
-  return attention_values(p, v), (p, v)
-
-
 def _values_bwd(res, g):
   p, v = res
   dp = jnp.einsum("...qc,...kc->...qk", g, v)
   return dp.astype(p.dtype), tn_product(p, g).astype(v.dtype)
 
 
-attention_values.defvjp(_values_fwd, _values_bwd)
+attention_values.defvjp(_fwd_saving_inputs(attention_values), _values_bwd)
