@@ -30,7 +30,7 @@ from decalign_jax.models import dropout as dropout_lib
 
 
 def _softmax_weights(q, k, mask):
-  logits = dots.attention_logits(q, k) / math.sqrt(q.shape[-1])
+  logits = jnp.einsum("...qc,...kc->...qk", q, k) / math.sqrt(q.shape[-1])
   if mask is not None:
     logits = jnp.where(mask, logits, -jnp.inf)
   return jax.nn.softmax(logits, axis=-1)
@@ -52,9 +52,7 @@ def _value(x):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _attention(q, k, v, mask, key, rate):
-  w = _softmax_weights(q, k, mask)
-  wd, _ = _apply_dropout(w, rate, key)
-  return dots.attention_values(wd, v), w
+  return _attention_fwd(q, k, v, mask, key, rate)[0]
 
 
 def _attention_fwd(q, k, v, mask, key, rate):

@@ -5,15 +5,16 @@ minor dimension. The weight gradient of `y = x @ w`, `x^T @ g`, and the key /
 value gradients of attention contract over the major one; XLA then runs them
 on its generic Eigen path, 1.3-2.5x slower at our shapes (measured, see
 `benchmarks/README.md`), and they were the largest single cost of the
-backward. On CPU the backward here materialises the transpose of the *small*
-operand (and of the small result) behind `optimization_barrier`s, so that XLA
-cannot fold the transposes back into the dot, and computes a plain product.
+backward. `linear` (for `nn.Dense`) and `tn_product` (for the backward of
+`attention.py`) materialise, on CPU, the transpose of the *small* operand
+(and of the small result) behind `optimization_barrier`s, so that XLA cannot
+fold the transposes back into the dot, and compute a plain product.
 `lax.platform_dependent` picks that form at lowering time on CPU only; on
 GPU/TPU the backward is the usual one. Forward values are unchanged; gradients
 differ from autodiff's only by float summation order.
 
-Limits of `custom_vjp`: forward-mode autodiff (`jax.jvp`, `jax.hessian`) is
-not defined through these; they are meant for `jit` with `Auto` mesh axes
+Limits of `linear`'s `custom_vjp`: forward-mode autodiff (`jax.jvp`,
+`jax.hessian`) is not defined through it; it is meant for `jit` with `Auto` mesh axes
 (`sharding.make_mesh`), not for per-device code under `shard_map` or
 `Explicit` axes, where autodiff's own rules handle the shardings.
 """
@@ -31,11 +32,6 @@ def _swap(x: jax.Array) -> jax.Array:
 
 def _cpu_or_default(cpu, default, *args):
   return lax.platform_dependent(*args, cpu=cpu, default=default)
-
-
-def _fwd_saving_inputs(f):
-  """A custom-VJP forward rule that keeps both inputs as the residuals."""
-  return lambda a, b: (f(a, b), (a, b))
 
 
 # --- y = x @ w over the last axis of x (nn.Dense) --------------------------
@@ -62,7 +58,11 @@ def _linear_bwd(res, g):
   return dx.astype(x.dtype), dw.astype(w.dtype)
 
 
-linear.defvjp(_fwd_saving_inputs(linear), _linear_bwd)
+def _linear_fwd(x, w):
+  return linear(x, w), (x, w)
+
+
+linear.defvjp(_linear_fwd, _linear_bwd)
 
 
 def dense_dot_general(lhs, rhs, dimension_numbers, precision=None,
@@ -95,7 +95,7 @@ def dense_dot_general(lhs, rhs, dimension_numbers, precision=None,
   return linear(lhs, rhs)
 
 
-# --- attention products over batch axes [..., T, C] ------------------------
+# --- attention's key / value gradients over batch axes [..., T, C] ---------
 
 
 def tn_product(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -114,32 +114,3 @@ def tn_product(a: jax.Array, b: jax.Array) -> jax.Array:
       lambda a, b: _swap(_barrier(jnp.matmul(_barrier(_swap(b)), a))),
       lambda a, b: jnp.einsum("...qk,...qc->...kc", a, b),
       a, b)
-
-
-@jax.custom_vjp
-def attention_logits(q: jax.Array, k: jax.Array) -> jax.Array:
-  """`q [..., Q, C] . k [..., K, C] -> [..., Q, K]` (unscaled)."""
-  return jnp.einsum("...qc,...kc->...qk", q, k)
-
-
-def _logits_bwd(res, g):
-  q, k = res
-  return jnp.matmul(g, k).astype(q.dtype), tn_product(g, q).astype(k.dtype)
-
-
-attention_logits.defvjp(_fwd_saving_inputs(attention_logits), _logits_bwd)
-
-
-@jax.custom_vjp
-def attention_values(p: jax.Array, v: jax.Array) -> jax.Array:
-  """`p [..., Q, K] @ v [..., K, C] -> [..., Q, C]`."""
-  return jnp.matmul(p, v)
-
-
-def _values_bwd(res, g):
-  p, v = res
-  dp = jnp.einsum("...qc,...kc->...qk", g, v)
-  return dp.astype(p.dtype), tn_product(p, g).astype(v.dtype)
-
-
-attention_values.defvjp(_fwd_saving_inputs(attention_values), _values_bwd)

@@ -34,14 +34,11 @@ def _random(shape, seed):
 
 CASES = {
     "linear": (dots.linear, lambda x, w: x @ w, [(4, 16, 8), (8, 6)]),
-    "attention_logits": (
-        dots.attention_logits,
-        lambda q, k: jnp.einsum("bhqc,bhkc->bhqk", q, k),
-        [(2, 2, 16, 8), (2, 2, 24, 8)]),
-    "attention_values": (
-        dots.attention_values,
-        lambda p, v: jnp.einsum("bhqk,bhkc->bhqc", p, v),
-        [(2, 2, 16, 24), (2, 2, 24, 8)]),
+    # tn_product is a forward function of its own (attention's backward).
+    "tn_product": (
+        dots.tn_product,
+        lambda a, b: jnp.einsum("bhqk,bhqc->bhkc", a, b),
+        [(2, 2, 16, 24), (2, 2, 16, 8)]),
 }
 
 
@@ -59,21 +56,28 @@ def test_value_and_gradients_equal_autodiff(name):
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_cpu_backward_has_only_minor_contracting_dots(name):
+def _compiled(f, args):
+  return jax.jit(f).lower(*args).compile().as_text()
+
+
+def test_cpu_products_have_only_minor_contracting_dots():
   # XLA:CPU sends a dot to XNNPACK only if its left operand contracts over
-  # the minor dimension; autodiff's backward of the same products does not.
-  # (At toy sizes, a few rows, XLA drops the barriers and rewrites the
-  # products, which is harmless there; the shapes here are small but real.)
-  fast, plain, shapes = CASES[name]
+  # the minor dimension; autodiff's backward of a Dense layer and a plain
+  # `...qk,...qc->...kc` einsum do not. (At toy sizes, a few rows, XLA drops
+  # the barriers and rewrites the products, which is harmless there; the
+  # shapes here are small but real.)
+  fast, plain, shapes = CASES["linear"]
   args = [_random(s, i) for i, s in enumerate(shapes)]
-  grad = lambda f: jax.jit(jax.grad(  # noqa: E731
-      lambda *a: jnp.sum(f(*a) ** 2), argnums=(0, 1)))
-  hlo = grad(fast).lower(*args).compile().as_text()
-  assert _DOT.search(hlo), "no dot in the compiled backward"
-  assert _major_contracting_dots(hlo) == []
-  # The check can fail: plain autodiff has such a dot.
-  assert _major_contracting_dots(grad(plain).lower(*args).compile().as_text())
+  grad = lambda f: jax.grad(  # noqa: E731
+      lambda *a: jnp.sum(f(*a) ** 2), argnums=(0, 1))
+  fast_tn, plain_tn, tn_shapes = CASES["tn_product"]
+  tn_args = [_random(s, i) for i, s in enumerate(tn_shapes)]
+  for hlo in (_compiled(grad(fast), args), _compiled(fast_tn, tn_args)):
+    assert _DOT.search(hlo), "no dot in the compiled product"
+    assert _major_contracting_dots(hlo) == []
+  # The check can fail: the plain forms have such a dot.
+  assert _major_contracting_dots(_compiled(grad(plain), args))
+  assert _major_contracting_dots(_compiled(plain_tn, tn_args))
 
 
 def test_dense_dot_general_matches_flax_dense_and_falls_back():
