@@ -1,11 +1,26 @@
-"""Test setup: 8 fake CPU devices before jax is imported, float64 on demand."""
+"""Test setup: 8 fake CPU devices before jax is imported, float64 on demand.
 
+Also one persistent compilation cache per test run, made here in the pytest
+process that first imports this file and inherited (through the environment)
+by the xdist workers and by the subprocesses that tests start: tests that
+build the same program again (a resumed run, a second seed, the benchmark's
+step) load it instead of recompiling; every program is still compiled once
+per run. A `JAX_COMPILATION_CACHE_DIR` the user set is used and kept.
+"""
+
+import atexit
 import functools
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 )
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _cache_dir = tempfile.mkdtemp(prefix="decalign_jax_test_jit_cache_")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache_dir
+  atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
 
 import jax  # noqa: E402  pylint: disable=g-import-not-at-top
 import numpy as np  # noqa: E402
