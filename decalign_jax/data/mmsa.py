@@ -6,9 +6,10 @@ An MMSA pickle is a dict `{split: {key: array}}` with splits `train`, `valid`,
 `vision_lengths` [N], `regression_labels` [N] or [N, 1],
 `classification_labels`, `id` and `raw_text`.
 
-`load_mmsa` checks the whole file's structure before it converts anything,
-then cleans audio/vision the way the reference loader does and optionally
-standardizes features with statistics taken from the train split only.
+`load_mmsa` checks the whole file's structure (`mmsa_checks.py`) before it
+converts anything, then cleans audio/vision the way the reference loader does
+and optionally standardizes features with statistics taken from the train
+split only.
 """
 
 import dataclasses
