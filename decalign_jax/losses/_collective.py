@@ -41,7 +41,7 @@ def supcon_masks(labels, valid, labels_blk, valid_blk, is_self):
 
 
 
-def axis_size(mesh: jax.sharding.Mesh, axis: Axis) -> int:
+def _axis_size(mesh: jax.sharding.Mesh, axis: Axis) -> int:
   names = (axis,) if isinstance(axis, str) else tuple(axis)
   size = 1
   for name in names:
@@ -55,7 +55,7 @@ def varying(value: float, shape: tuple[int, ...], dtype, axis: Axis
   return jax.lax.pcast(jnp.full(shape, value, dtype), axis, to="varying")
 
 
-def shift(tree, axis: Axis, size: int):
+def _shift(tree, axis: Axis, size: int):
   perm = [(i, (i + 1) % size) for i in range(size)]
   return jax.tree.map(lambda a: jax.lax.ppermute(a, axis, perm), tree)
 
@@ -77,12 +77,12 @@ def ring(body, carry, block, moving, *, axis: Axis, size: int):
   def visit(step, state):
     carry, block, moving = state
     carry, moving = body(step, carry, block, moving)
-    return carry, shift(block, axis, size), shift(moving, axis, size)
+    return carry, _shift(block, axis, size), _shift(moving, axis, size)
 
   carry, block, moving = jax.lax.fori_loop(0, size - 1, visit,
                                            (carry, block, moving))
   carry, moving = body(size - 1, carry, block, moving)
-  return carry, shift(moving, axis, size)
+  return carry, _shift(moving, axis, size)
 
 
 def online_lse(state, logits: jax.Array, axis: int):
@@ -98,7 +98,7 @@ def sharded(kernel, mesh, axis, in_specs, out_specs, **kwargs):
   """`jax.shard_map` of `kernel`, specs given as 'b' (batch) / 'r'."""
   spec = lambda c: P(axis) if c == "b" else P()
   return jax.shard_map(
-      functools.partial(kernel, axis=axis, size=axis_size(mesh, axis),
+      functools.partial(kernel, axis=axis, size=_axis_size(mesh, axis),
                         **kwargs),
       mesh=mesh, in_specs=tuple(map(spec, in_specs)),
       out_specs=tuple(map(spec, out_specs)))
