@@ -43,6 +43,7 @@ from decalign_jax import runtime  # noqa: E402
 from decalign_jax import sharding  # noqa: E402
 from decalign_jax import train  # noqa: E402
 from decalign_jax.data import mmsa  # noqa: E402
+from decalign_jax.models import cpu_attention  # noqa: E402
 from decalign_jax.tasks import sentiment  # noqa: E402
 
 SEQ_LEN = 50  # MOSI aligned_50
@@ -140,7 +141,7 @@ def text_backbone_config(layers: int, hidden: int) -> dict:
 
 def build(batch_size: int, ot_mode: str = "ott", seed: int = 0,
           config=None, text_backbone: dict | None = None,
-          num_layers: int | None = None):
+          num_layers: int | None = None, attention_kernel: str | None = None):
   """The MOSI task, train state, device batch and jitted steps.
 
   Args:
@@ -151,6 +152,7 @@ def build(batch_size: int, ot_mode: str = "ott", seed: int = 0,
     text_backbone: a BERT config.json dict; the step then fine-tunes that
       encoder (random weights) on `[B, 3, T]` token ids.
     num_layers: layers per cross-modal transformer (default: the config's).
+    attention_kernel: `model.attention_kernel` (default: the config's).
 
   Returns:
     dict with `config, task, state, batch, train_fn, eval_fn, n_params`.
@@ -161,6 +163,8 @@ def build(batch_size: int, ot_mode: str = "ott", seed: int = 0,
   config.model.ot_mode = ot_mode
   if num_layers is not None:
     config.model.num_layers = num_layers
+  if attention_kernel is not None:
+    config.model.attention_kernel = attention_kernel
   mc = config.model
   dims = tuple(mc.feature_dims)
   vocab = 0
@@ -211,6 +215,9 @@ def main(argv=None):
                  help="leave glibc malloc at its defaults (runtime.py)")
   p.add_argument("--no-unrolled-threefry", action="store_true",
                  help="keep JAX's looped Threefry lowering on CPU")
+  p.add_argument("--attention-kernel", choices=("auto", "cpu", "xla"),
+                 default=None,
+                 help="model.attention_kernel (default: the config's)")
   args = p.parse_args(argv)
   # As train.py: before the first JAX computation starts its threads.
   applied = runtime.configure(ml_collections.ConfigDict(dict(
@@ -221,7 +228,8 @@ def main(argv=None):
   backbone = (text_backbone_config(args.text_layers, args.text_hidden)
               if args.text_layers else None)
   b = build(args.batch, args.ot_mode, args.seed, text_backbone=backbone,
-            num_layers=args.num_layers)
+            num_layers=args.num_layers,
+            attention_kernel=args.attention_kernel)
   config, state, batch = b["config"], b["state"], b["batch"]
   train_fn, eval_fn, n_params = b["train_fn"], b["eval_fn"], b["n_params"]
   mc = config.model
@@ -282,6 +290,7 @@ def main(argv=None):
       "batch": args.batch,
       "ot_mode": args.ot_mode,
       "num_layers": mc.num_layers,
+      "attention_kernel": cpu_attention.resolve(mc.attention_kernel),
       "text_backbone": (None if backbone is None else {
           k: backbone[k] for k in ("num_hidden_layers", "hidden_size")}),
       "dtype": args.dtype,

@@ -75,6 +75,10 @@ def base_config() -> ml_collections.ConfigDict:
   m.res_dropout = 0.1
   m.output_dropout = 0.0
   m.text_dropout = 0.0
+  # Cross-modal attention core: 'auto' = the fused C++ kernel of
+  # models/cpu_attention.py on a single CPU device (built on first use),
+  # else XLA; 'cpu' = the kernel or an error; 'xla' = never the kernel.
+  m.attention_kernel = "auto"
   # A local BERT-family directory (save_pretrained: config.json,
   # model.safetensors, tokenizer). Set: fine-tune it on the pickle's
   # `text_bert` ids; empty: use the precomputed `text` features.

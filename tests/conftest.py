@@ -5,7 +5,9 @@ process that first imports this file and inherited (through the environment)
 by the xdist workers and by the subprocesses that tests start: tests that
 build the same program again (a resumed run, a second seed, the benchmark's
 step) load it instead of recompiling; every program is still compiled once
-per run. A `JAX_COMPILATION_CACHE_DIR` the user set is used and kept.
+per run. A `JAX_COMPILATION_CACHE_DIR` the user set is used and kept; so is
+a `DECALIGN_JAX_KERNEL_CACHE` (else the CPU attention kernel is built once
+per run into a temporary directory).
 """
 
 import atexit
@@ -21,6 +23,11 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   _cache_dir = tempfile.mkdtemp(prefix="decalign_jax_test_jit_cache_")
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache_dir
   atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
+if "DECALIGN_JAX_KERNEL_CACHE" not in os.environ:
+  # The CPU attention kernel is built once per run here, not in ~/.cache.
+  _kernel_dir = tempfile.mkdtemp(prefix="decalign_jax_test_kernels_")
+  os.environ["DECALIGN_JAX_KERNEL_CACHE"] = _kernel_dir
+  atexit.register(shutil.rmtree, _kernel_dir, ignore_errors=True)
 
 import jax  # noqa: E402  pylint: disable=g-import-not-at-top
 import numpy as np  # noqa: E402

@@ -25,6 +25,7 @@ import jax
 from jax import custom_derivatives
 import jax.numpy as jnp
 
+from decalign_jax.models import cpu_attention
 from decalign_jax.models import dots
 from decalign_jax.models import dropout as dropout_lib
 
@@ -93,7 +94,8 @@ _attention.defvjp(_attention_fwd, _attention_bwd, symbolic_zeros=True)
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
               mask: jax.Array | None = None, dropout_rate: float = 0.0,
-              dropout_key: jax.Array | None = None
+              dropout_key: jax.Array | None = None,
+              implementation: str = "xla"
               ) -> tuple[jax.Array, jax.Array]:
   """Multi-head attention core on heads-first arrays.
 
@@ -104,6 +106,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     mask: optional `[Q, K]` bool, True = attend.
     dropout_rate: dropout on the attention weights (0 = off).
     dropout_key: PRNG key, required when `dropout_rate > 0`.
+    implementation: 'xla', or 'cpu' for the fused kernel of
+      `cpu_attention.py` (same values to float32 rounding, same dropout
+      mask; operands it does not support take the XLA path).
 
   Returns:
     `([..., Q, C] output, [..., Q, K] post-softmax weights before dropout)`.
@@ -111,4 +116,13 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   dropout_lib.keep_threshold(dropout_rate)  # validates the rate
   if dropout_rate > 0.0 and dropout_key is None:
     raise ValueError("attention dropout_rate > 0 needs a dropout_key")
+  if implementation not in ("xla", "cpu"):
+    raise ValueError(f"attention implementation={implementation!r}; "
+                     "expected 'xla' or 'cpu'")
+  key = dropout_key if dropout_rate > 0.0 else None
+  if implementation == "cpu" and cpu_attention.supports(q, k, key):
+    out = cpu_attention.attention(q, k, v, mask, key, float(dropout_rate))
+    # The weights are only for inspection (sown intermediates): XLA drops
+    # this computation when nothing reads them.
+    return out, _softmax_weights(q, k, mask)
   return _attention(q, k, v, mask, dropout_key, float(dropout_rate))

@@ -59,6 +59,8 @@ class DecAlign(nn.Module):
     attn_mask: causal masking.
     causal_in_cross: apply `attn_mask` under cross-modal attention too. The
       reference silently ignores it there; `False` reproduces that.
+    attention_kernel: 'xla', or 'cpu' for the fused CPU attention kernel of
+      `cpu_attention.py` in the cross-modal transformers.
     active_modalities: subset of ('text', 'audio', 'vision'); inactive ones
       contribute zeros to the fusion representation, and the alignment
       losses are 0 unless all three are active (as in the reference).
@@ -77,6 +79,7 @@ class DecAlign(nn.Module):
   use_cross_modal_attention: bool = True
   attn_mask: bool = True
   causal_in_cross: bool = True
+  attention_kernel: str = "xla"
   active_modalities: Sequence[str] = ("text", "audio", "vision")
   attn_dropout: float = 0.0
   attn_dropout_a: float = 0.0
@@ -192,7 +195,8 @@ class DecAlign(nn.Module):
           attn_dropout=attn_dropouts[m], relu_dropout=self.relu_dropout,
           res_dropout=self.res_dropout, embed_dropout=self.embed_dropout,
           causal=self.attn_mask, causal_in_cross=self.causal_in_cross,
-          name=f"trans_{m}")(s[m], context, deterministic=det)
+          attention_kernel=self.attention_kernel, name=f"trans_{m}")(
+              s[m], context, deterministic=det)
       h[m] = pooling.masked_mean(encoded, masks[m])
       c_avg[m] = pooling.masked_mean(c[m], masks[m])
 

@@ -73,6 +73,7 @@ class MultiheadAttention(nn.Module):
   embed_dim: int
   num_heads: int
   attn_dropout: float = 0.0
+  attention_kernel: str = "xla"  # or 'cpu': see attention.attention
 
   @nn.compact
   def __call__(self, query, key, value, *, mask=None, deterministic=True):
@@ -106,7 +107,8 @@ class MultiheadAttention(nn.Module):
     rate = 0.0 if deterministic else self.attn_dropout
     out, weights = attention_lib.attention(
         q, k, v, mask=mask, dropout_rate=rate,
-        dropout_key=self.make_rng("dropout") if rate else None)
+        dropout_key=self.make_rng("dropout") if rate else None,
+        implementation=self.attention_kernel)
     self.sow("intermediates", "attn_weights", weights)
     out = out.transpose(0, 2, 1, 3).reshape(query.shape)
     out = nn.Dense(d, kernel_init=torch_default_kernel_init,
@@ -123,12 +125,13 @@ class TransformerEncoderLayer(nn.Module):
   attn_dropout: float = 0.0
   relu_dropout: float = 0.0
   res_dropout: float = 0.0
+  attention_kernel: str = "xla"
 
   @nn.compact
   def __call__(self, x, key, value, *, mask=None, deterministic=True):
     d = self.embed_dim
     attn, _ = MultiheadAttention(d, self.num_heads, self.attn_dropout,
-                                 name="self_attn")(
+                                 self.attention_kernel, name="self_attn")(
                                      x, key, value, mask=mask,
                                      deterministic=deterministic)
     self.sow("intermediates", "attn_out", attn)
@@ -161,6 +164,7 @@ class TransformerEncoder(nn.Module):
   embed_dropout: float = 0.0
   causal: bool = False
   causal_in_cross: bool = True
+  attention_kernel: str = "xla"
 
   @nn.compact
   def __call__(self, x, context: Sequence[jax.Array] = (), *,
@@ -195,7 +199,8 @@ class TransformerEncoder(nn.Module):
       vv = x if value is None else value
       x = TransformerEncoderLayer(
           self.embed_dim, self.num_heads, self.attn_dropout,
-          self.relu_dropout, self.res_dropout, name=f"layers_{i}")(
+          self.relu_dropout, self.res_dropout, self.attention_kernel,
+          name=f"layers_{i}")(
               x, kv, vv, mask=mask, deterministic=deterministic)
       self.sow("intermediates", f"layer{i}_out", x)
     return x

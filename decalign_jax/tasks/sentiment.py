@@ -15,6 +15,7 @@ from decalign_jax.data import pipeline
 from decalign_jax.data import synthetic
 from decalign_jax.losses import objective
 from decalign_jax.models import align
+from decalign_jax.models import cpu_attention
 from decalign_jax.models import decalign
 from decalign_jax.models import text as text_lib
 from decalign_jax.models import text_loading
@@ -62,6 +63,7 @@ def build_model(config: ml_collections.ConfigDict) -> decalign.DecAlign:
       use_sequence_mask=mc.use_sequence_mask,
       use_cross_modal_attention=mc.use_cross_modal_attention,
       attn_mask=mc.attn_mask, causal_in_cross=mc.causal_in_cross,
+      attention_kernel=cpu_attention.resolve(mc.attention_kernel),
       active_modalities=tuple(mc.active_modalities),
       attn_dropout=mc.attn_dropout, attn_dropout_a=mc.attn_dropout_a,
       attn_dropout_v=mc.attn_dropout_v, relu_dropout=mc.relu_dropout,
@@ -195,7 +197,8 @@ def make_task(config: ml_collections.ConfigDict, workdir: str, *,
              f"{config.model.text_model_dir} on `text_bert` ids"
              + (" (frozen)" if config.model.freeze_text else "")
              if config.model.text_model_dir else
-             f"; text: precomputed features {train_split.text.shape[1:]}"))
+             f"; text: precomputed features {train_split.text.shape[1:]}")
+          + f"; attention: {model.attention_kernel}")
   return base.Task(
       init_params=init_params, loss_fn=loss_fn, predict_fn=predict_fn,
       train_batches=train_batches,

@@ -1,0 +1,238 @@
+"""The fused CPU attention kernel: build, load, call.
+
+`cpu_attention.cc` computes `attention.py`'s softmax-dropout attention and
+its FlashAttention backward row by row, inside the cache, with the dropout
+draws of `dropout.random_bits16` bit for bit. XLA:CPU instead writes the
+`[B, H, Q, K]` logits, weights and dropout bits to memory several times per
+layer, which at batch 512 of the MOSI shape (~80 MB per array) is most of
+the attention's time (`benchmarks/README.md`). No library provides such a
+kernel for XLA:CPU (Pallas has no CPU backend), hence the C++.
+
+The kernel is compiled on first use with the host's C++ compiler
+(`$CXX`, else `c++`; `-O3 -march=native`) against the XLA FFI headers that
+ship with jaxlib, into `$DECALIGN_JAX_KERNEL_CACHE` (default
+`~/.cache/decalign_jax/kernels`), keyed by the source, jaxlib, the compiler
+and the CPU's feature flags; later processes load the built library.
+`resolve('auto')` falls back to the XLA path when no compiler is found or the
+build fails, with one warning; `resolve('cpu')` raises instead.
+
+Scope: float32, head dims 4/8/16/32/64, Threefry keys (or no dropout). The
+custom call is not partitioned by GSPMD: under a multi-device mesh XLA would
+gather its operands, so `'auto'` uses it on a single CPU device only. A query
+row whose keys are all masked returns zeros (the XLA path returns NaN); the
+causal masks of `transformer.py` never produce one.
+"""
+
+import ctypes
+import functools
+import hashlib
+import math
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+import numpy as np
+
+from decalign_jax.models import dropout as dropout_lib
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                      "cpu_attention.cc")
+HEAD_DIMS = (4, 8, 16, 32, 64)
+IMPLEMENTATIONS = ("auto", "xla", "cpu")
+_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
+_TARGETS = {"fwd": "DecalignAttentionFwd", "bwd": "DecalignAttentionBwd"}
+_FFI_NAME = "decalign_cpu_attention_{}"
+
+
+class KernelUnavailable(RuntimeError):
+  """The kernel could not be built or loaded on this machine."""
+
+
+def _cache_dir() -> str:
+  if os.environ.get("DECALIGN_JAX_KERNEL_CACHE"):
+    return os.environ["DECALIGN_JAX_KERNEL_CACHE"]
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(
+      os.path.expanduser("~"), ".cache")
+  return os.path.join(base, "decalign_jax", "kernels")
+
+
+def _cpu_flags() -> bytes:
+  try:
+    with open("/proc/cpuinfo", "rb") as f:
+      return b"".join(line for line in f if line.startswith(b"flags"))[:4096]
+  except OSError:
+    import platform  # pylint: disable=g-import-not-at-top
+    return platform.processor().encode()
+
+
+def _compiler() -> str:
+  cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+  if not cxx:
+    raise KernelUnavailable("no C++ compiler found (set $CXX)")
+  return cxx
+
+
+def build() -> str:
+  """Compiles the kernel if no matching build is cached; returns its path."""
+  cxx = _compiler()
+  try:
+    version = subprocess.run([cxx, "--version"], capture_output=True,
+                             check=True, timeout=60).stdout
+  except (OSError, subprocess.SubprocessError) as e:
+    raise KernelUnavailable(f"C++ compiler {cxx!r} does not run: {e}") from e
+  with open(SOURCE, "rb") as f:
+    source = f.read()
+  digest = hashlib.sha256(b"\0".join([
+      source, jaxlib.__version__.encode(), version, " ".join(_FLAGS).encode(),
+      _cpu_flags()])).hexdigest()[:16]
+  out_dir = _cache_dir()
+  target = os.path.join(out_dir, f"cpu_attention_{digest}.so")
+  if os.path.exists(target):
+    return target
+  os.makedirs(out_dir, exist_ok=True)
+  # Build next to the target, then rename: concurrent builders (xdist
+  # workers, several processes of one job) never load a half-written file.
+  fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+  os.close(fd)
+  cmd = [cxx, *_FLAGS, "-I", jax.ffi.include_dir(), SOURCE, "-o", tmp]
+  try:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if proc.returncode:
+      raise KernelUnavailable(
+          f"building {SOURCE} failed ({' '.join(cmd)}):\n"
+          f"{proc.stderr[-2000:]}")
+    os.replace(tmp, target)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  return target
+
+
+@functools.cache
+def _register() -> str:
+  """Builds, loads and registers the FFI targets once per process."""
+  path = build()
+  try:
+    lib = ctypes.cdll.LoadLibrary(path)
+  except OSError as e:
+    raise KernelUnavailable(f"cannot load {path}: {e}") from e
+  for kind, symbol in _TARGETS.items():
+    jax.ffi.register_ffi_target(
+        _FFI_NAME.format(kind), jax.ffi.pycapsule(getattr(lib, symbol)),
+        platform="cpu")
+  return path
+
+
+def available() -> bool:
+  """True if the kernel builds and loads here (cached per process)."""
+  try:
+    _register()
+  except KernelUnavailable:
+    return False
+  return True
+
+
+def resolve(implementation: str, field: str = "model.attention_kernel"
+            ) -> str:
+  """Maps the config choice to 'cpu' or 'xla'.
+
+  Args:
+    implementation: 'auto' (the kernel on a single CPU device when it builds,
+      else XLA), 'cpu' (the kernel; an error if it cannot be built) or 'xla'.
+    field: config field named in errors.
+
+  Returns:
+    'cpu' or 'xla'.
+  """
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"{field}={implementation!r}; expected one of "
+                     f"{IMPLEMENTATIONS}")
+  if implementation == "xla":
+    return "xla"
+  if implementation == "cpu":
+    try:
+      _register()
+    except KernelUnavailable as e:
+      raise ValueError(f"{field}='cpu' but the kernel is unavailable: {e}"
+                       ) from e
+    return "cpu"
+  if jax.default_backend() != "cpu" or jax.device_count() != 1:
+    return "xla"
+  try:
+    _register()
+  except KernelUnavailable as e:
+    warnings.warn(f"{field}='auto': using XLA attention, the CPU kernel is "
+                  f"unavailable: {e}", stacklevel=2)
+    return "xla"
+  return "cpu"
+
+
+def supports(q: jax.Array, k: jax.Array, key: jax.Array | None) -> bool:
+  """Whether the kernel handles these operands (else use the XLA path)."""
+  rows = math.prod(q.shape[:-1])
+  return (q.dtype == jnp.float32 and k.dtype == jnp.float32
+          and q.shape[-1] in HEAD_DIMS and q.ndim >= 3 and rows < 2**32
+          and (key is None
+               or dropout_lib._threefry_key_words(key) is not None))  # pylint: disable=protected-access
+
+
+def _attrs(rate: float, head_dim: int) -> dict[str, np.generic]:
+  threshold = dropout_lib.keep_threshold(rate)
+  scale = 2**16 / threshold if threshold else 0.0
+  return {"threshold": np.int64(threshold), "drop_scale": np.float32(scale),
+          "inv_div": np.float32(1.0 / math.sqrt(head_dim))}
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _fused(q, k, v, mask, words, rate):
+  return _fused_fwd(q, k, v, mask, words, rate)[0]
+
+
+def _fused_fwd(q, k, v, mask, words, rate):
+  out_types = (jax.ShapeDtypeStruct(q.shape, q.dtype),
+               jax.ShapeDtypeStruct((*q.shape[:-1], 2), q.dtype))
+  out, stats = jax.ffi.ffi_call(_FFI_NAME.format("fwd"), out_types)(
+      q, k, v, mask, words, **_attrs(rate, q.shape[-1]))
+  return out, (q, k, v, mask, words, out, stats)
+
+
+def _fused_bwd(rate, res, g):
+  q, k, v, mask, words, out, stats = res
+  out_types = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v))
+  dq, dk, dv = jax.ffi.ffi_call(_FFI_NAME.format("bwd"), out_types)(
+      q, k, v, mask, words, out, stats, g, **_attrs(rate, q.shape[-1]))
+  return dq, dk, dv, None, None
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array,
+              mask: jax.Array | None, key: jax.Array | None, rate: float
+              ) -> jax.Array:
+  """`dropout(softmax(q k^T / sqrt(C), mask)) @ v` by the kernel.
+
+  Args:
+    q: `[..., Q, C]` float32 queries.
+    k: `[..., K, C]` keys.
+    v: `[..., K, C]` values.
+    mask: optional `[Q, K]` bool, True = attend.
+    key: Threefry PRNG key, or None when `rate` is 0.
+    rate: attention dropout rate.
+
+  Returns:
+    `[..., Q, C]`, equal to the XLA path to float32 rounding, with the same
+    dropout mask.
+  """
+  _register()
+  if mask is None:
+    mask = jnp.ones((q.shape[-2], k.shape[-2]), jnp.uint8)
+  words = jnp.zeros((2,), jnp.uint32)
+  if key is not None:
+    words = jnp.stack(dropout_lib._threefry_key_words(key)).astype(jnp.uint32)  # pylint: disable=protected-access
+  return _fused(q, k, v, mask.astype(jnp.uint8), words, float(rate))
