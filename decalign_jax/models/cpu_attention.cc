@@ -28,9 +28,9 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int L = 16;  // lanes per vector
-typedef float VF __attribute__((vector_size(64), aligned(64)));
-typedef int32_t VI __attribute__((vector_size(64), aligned(64)));
-typedef uint32_t VU __attribute__((vector_size(64), aligned(64)));
+typedef float VF __attribute__((vector_size(64)));
+typedef int32_t VI __attribute__((vector_size(64)));
+typedef uint32_t VU __attribute__((vector_size(64)));
 typedef float VF8 __attribute__((vector_size(32)));
 typedef float VF4 __attribute__((vector_size(16)));
 
