@@ -94,21 +94,27 @@ def build() -> str:
   target = os.path.join(out_dir, f"cpu_attention_{digest}.so")
   if os.path.exists(target):
     return target
-  os.makedirs(out_dir, exist_ok=True)
-  # Build next to the target, then rename: concurrent builders (xdist
-  # workers, several processes of one job) never load a half-written file.
-  fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
-  os.close(fd)
-  cmd = [cxx, *_FLAGS, "-I", jax.ffi.include_dir(), SOURCE, "-o", tmp]
+  cmd = [cxx, *_FLAGS, "-I", jax.ffi.include_dir(), SOURCE, "-o", ""]
+  tmp = None
   try:
+    os.makedirs(out_dir, exist_ok=True)
+    # Build next to the target, then rename: concurrent builders (xdist
+    # workers, several processes of one job) never load a half-written file.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+    os.close(fd)
+    cmd[-1] = tmp
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     if proc.returncode:
       raise KernelUnavailable(
           f"building {SOURCE} failed ({' '.join(cmd)}):\n"
           f"{proc.stderr[-2000:]}")
     os.replace(tmp, target)
+  except (OSError, subprocess.SubprocessError) as e:
+    # An unwritable cache dir or a hung compiler: 'auto' must still fall back.
+    raise KernelUnavailable(f"building {SOURCE} into {out_dir} failed: {e}"
+                            ) from e
   finally:
-    if os.path.exists(tmp):
+    if tmp is not None and os.path.exists(tmp):
       os.remove(tmp)
   return target
 
@@ -126,15 +132,6 @@ def _register() -> str:
         _FFI_NAME.format(kind), jax.ffi.pycapsule(getattr(lib, symbol)),
         platform="cpu")
   return path
-
-
-def available() -> bool:
-  """True if the kernel builds and loads here (cached per process)."""
-  try:
-    _register()
-  except KernelUnavailable:
-    return False
-  return True
 
 
 def resolve(implementation: str, field: str = "model.attention_kernel"

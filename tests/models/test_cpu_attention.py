@@ -160,3 +160,11 @@ def test_without_a_compiler_auto_falls_back_and_cpu_raises(tmp_path):
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert proc.stdout.split() == ["xla", "1", "True", "raised", "True"]
   assert not (tmp_path / "cache").exists()  # nothing half-built left behind
+
+
+def test_unwritable_cache_is_reported_as_unavailable(tmp_path, monkeypatch):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("")
+  monkeypatch.setenv("DECALIGN_JAX_KERNEL_CACHE", str(blocker / "kernels"))
+  with pytest.raises(cpu_attention.KernelUnavailable, match="a_file"):
+    cpu_attention.build()
