@@ -95,23 +95,29 @@ _attention.defvjp(_attention_fwd, _attention_bwd, symbolic_zeros=True)
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
               mask: jax.Array | None = None, dropout_rate: float = 0.0,
               dropout_key: jax.Array | None = None,
-              implementation: str = "xla"
+              implementation: str = "xla", heads_last: bool = False
               ) -> tuple[jax.Array, jax.Array]:
-  """Multi-head attention core on heads-first arrays.
+  """Multi-head attention core.
 
   Args:
-    q: `[..., Q, C]` queries.
-    k: `[..., K, C]` keys.
-    v: `[..., K, C]` values.
+    q: `[..., Q, C]` queries (heads-first), or `[B, Q, H, C]` with
+      `heads_last`.
+    k: `[..., K, C]` keys (`[B, K, H, C]`).
+    v: `[..., K, C]` values (`[B, K, H, C]`).
     mask: optional `[Q, K]` bool, True = attend.
     dropout_rate: dropout on the attention weights (0 = off).
     dropout_key: PRNG key, required when `dropout_rate > 0`.
     implementation: 'xla', or 'cpu' for the fused kernel of
       `cpu_attention.py` (same values to float32 rounding, same dropout
       mask; operands it does not support take the XLA path).
+    heads_last: q, k, v and the output are `[B, T, H, C]`, the layout the
+      projections produce. The kernel reads it in place; the XLA path
+      transposes to heads-first (where XLA:CPU's batched products are
+      fastest) and back.
 
   Returns:
-    `([..., Q, C] output, [..., Q, K] post-softmax weights before dropout)`.
+    `(output in the layout of q, [..., H, Q, K] post-softmax weights before
+    dropout)`.
   """
   dropout_lib.keep_threshold(dropout_rate)  # validates the rate
   if dropout_rate > 0.0 and dropout_key is None:
@@ -120,9 +126,17 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     raise ValueError(f"attention implementation={implementation!r}; "
                      "expected 'xla' or 'cpu'")
   key = dropout_key if dropout_rate > 0.0 else None
-  if implementation == "cpu" and cpu_attention.supports(q, k, key):
-    out = cpu_attention.attention(q, k, v, mask, key, float(dropout_rate))
+  if implementation == "cpu" and cpu_attention.supports(q, k, key,
+                                                        heads_last):
+    out = cpu_attention.attention(q, k, v, mask, key, float(dropout_rate),
+                                  heads_last)
     # The weights are only for inspection (sown intermediates): XLA drops
     # this computation when nothing reads them.
-    return out, _softmax_weights(q, k, mask)
+    first = lambda x: x.transpose(0, 2, 1, 3) if heads_last else x  # noqa: E731
+    return out, _softmax_weights(first(q), first(k), mask)
+  if heads_last:
+    t = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731
+    out, w = _attention(t(q), t(k), t(v), mask, dropout_key,
+                        float(dropout_rate))
+    return t(out), w
   return _attention(q, k, v, mask, dropout_key, float(dropout_rate))

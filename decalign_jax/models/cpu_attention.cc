@@ -8,10 +8,12 @@
 // leaves the cache. Work is split over (batch x head) pairs on XLA's
 // intra-op thread pool.
 //
-// Key positions are held slot-major inside a pair: key j = 4h + t sits at
-// t * KH + h, so the four 16-bit draws of Threefry hash h (both output
-// words, low half first) fill whole vectors. Softmax and the products sum
-// over keys, so the layout only changes the order of float additions.
+// Keys stay in their natural order, one vector per 16 keys; rows skip the
+// vectors their mask leaves empty (a causal row of a time-concatenated
+// context touches about half). The four 16-bit draws of a Threefry hash are
+// interleaved into key order with shuffles. The backward keeps each pair's
+// dlogits and dropped weights and forms dk, dv per key vector in registers.
+// Operands are heads-first [..., T, C] or, with `heads_last`, [B, T, H, C].
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
@@ -142,59 +144,115 @@ void parallel_for(ffi::ThreadPool& pool, int64_t n, int64_t chunk, F fn) {
   st->cv.wait(lock, [&] { return st->done.load() == st->num_chunks; });
 }
 
-struct Layout {
+// Where the rows of one (batch, head) pair live. Heads-first operands are
+// [..., T, C]: pair n starts at n*T*C and its rows are C apart. Heads-last
+// operands are [B, T, H, C], the layout the q/k/v projections produce: pair
+// n = b*H + h starts at b*T*H*C + h*C and its rows are H*C apart, which
+// spares XLA the head transposes around the call. Keys sit in their natural
+// order in `kp` slots (padded to whole vectors), so rows whose causal mask
+// ends early skip whole vectors.
+struct Geometry {
   int64_t n, q, k;
-  int64_t kh;  // Threefry hashes per row, padded to whole vectors
-  int64_t kp;  // key slots, 4 * kh
-  int64_t nb;  // vectors per row, kp / L
-  Layout(int64_t n_, int64_t q_, int64_t k_) : n(n_), q(q_), k(k_) {
-    kh = ((k + 3) / 4 + L - 1) / L * L;
-    kp = 4 * kh;
+  int64_t heads;  // H for heads-last operands, 1 for heads-first
+  int64_t kp;     // key slots
+  int64_t nb;     // vectors per row, kp / L
+  int64_t kh;     // Threefry hashes per row (4 keys each), whole vectors
+  Geometry(int64_t n_, int64_t q_, int64_t k_, int64_t heads_)
+      : n(n_), q(q_), k(k_), heads(heads_) {
+    kp = (k + L - 1) / L * L;
     nb = kp / L;
+    kh = ((k + 3) / 4 + L - 1) / L * L;
   }
-  int64_t pos(int64_t j) const { return (j % 4) * kh + j / 4; }
+  // Offset, in floats, of row t of pair `pair` in an operand with `len` rows
+  // per pair and c channels.
+  int64_t offset(int64_t pair, int64_t t, int64_t len, int64_t c) const {
+    const int64_t b = pair / heads, h = pair % heads;
+    return ((b * len + t) * heads + h) * c;
+  }
 };
 
-// Mask as 0/1 floats per slot, and per row the vectors with any key.
+// Mask as 0/1 floats per slot; per row the vectors with any key, and per
+// vector the rows in which it has one.
 struct Mask {
   std::vector<VF> f;
-  std::vector<int32_t> active;  // q rows of up to nb vector indices
+  std::vector<int32_t> active;  // q lists of up to nb vector indices
   std::vector<int32_t> num_active;
-  Mask(const uint8_t* m, const Layout& lay)
-      : f(lay.q * lay.nb, VF{}), active(lay.q * lay.nb), num_active(lay.q) {
+  std::vector<int32_t> rows;  // nb lists of up to q row indices
+  std::vector<int32_t> num_rows;
+  Mask(const uint8_t* m, const Geometry& g)
+      : f(g.q * g.nb, VF{}), active(g.q * g.nb), num_active(g.q),
+        rows(g.nb * g.q), num_rows(g.nb, 0) {
     float* p = reinterpret_cast<float*>(f.data());
-    for (int64_t i = 0; i < lay.q; ++i)
-      for (int64_t j = 0; j < lay.k; ++j)
-        p[i * lay.kp + lay.pos(j)] = m[i * lay.k + j] ? 1.f : 0.f;
-    for (int64_t i = 0; i < lay.q; ++i) {
+    for (int64_t i = 0; i < g.q; ++i)
+      for (int64_t j = 0; j < g.k; ++j)
+        p[i * g.kp + j] = m[i * g.k + j] ? 1.f : 0.f;
+    for (int64_t i = 0; i < g.q; ++i) {
       int32_t c = 0;
-      for (int64_t b = 0; b < lay.nb; ++b) {
-        const VF v = f[i * lay.nb + b];
+      for (int64_t b = 0; b < g.nb; ++b) {
+        const VF v = f[i * g.nb + b];
         bool any = false;
         for (int l = 0; l < L; ++l) any |= v[l] != 0.f;
-        if (any) active[i * lay.nb + c++] = int32_t(b);
+        if (!any) continue;
+        active[i * g.nb + c++] = int32_t(b);
+        rows[b * g.q + num_rows[b]++] = int32_t(i);
       }
       num_active[i] = c;
     }
   }
 };
 
+// Keys (or values) of pair n, channel-major: xt[c * nb + b] holds channel c
+// of keys 16b .. 16b + 15; padding slots are zero.
 template <int C>
-void load_slots(const float* x, const Layout& lay, VF* xt) {
-  std::fill(xt, xt + C * lay.nb, VF{});
+void load_slots(const float* x, const Geometry& g, int64_t n, VF* xt) {
+  std::fill(xt, xt + C * g.nb, VF{});
   float* p = reinterpret_cast<float*>(xt);
-  for (int64_t j = 0; j < lay.k; ++j) {
-    const int64_t s = lay.pos(j);
-    for (int c = 0; c < C; ++c) p[c * lay.kp + s] = x[j * C + c];
+  for (int64_t j = 0; j < g.k; ++j) {
+    const float* row = x + g.offset(n, j, g.k, C);
+    for (int c = 0; c < C; ++c) p[c * g.kp + j] = row[c];
   }
 }
 
 template <int C>
-void store_slots(const VF* xt, const Layout& lay, float* x) {
+void store_slots(const VF* xt, const Geometry& g, int64_t n, float* x) {
   const float* p = reinterpret_cast<const float*>(xt);
-  for (int64_t j = 0; j < lay.k; ++j) {
-    const int64_t s = lay.pos(j);
-    for (int c = 0; c < C; ++c) x[j * C + c] = p[c * lay.kp + s];
+  for (int64_t j = 0; j < g.k; ++j) {
+    float* row = x + g.offset(n, j, g.k, C);
+    for (int c = 0; c < C; ++c) row[c] = p[c * g.kp + j];
+  }
+}
+
+// out[c] = horizontal sum of a[c], eight vectors at a time by a transposing
+// reduction (23 shuffles and adds where eight hsum calls take ~70).
+inline void hsum8(const VF* a, float* out) {
+  VF t[4];
+  for (int i = 0; i < 4; ++i)  // lanes 0-7: a[2i], 8-15: a[2i+1]
+    t[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 4, 5,
+                                   6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(a[2 * i], a[2 * i + 1], 8, 9, 10, 11, 12,
+                                   13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  VF u[2];
+  for (int i = 0; i < 2; ++i)  // four lanes each of a[4i] .. a[4i+3]
+    u[i] = __builtin_shufflevector(t[2 * i], t[2 * i + 1], 0, 1, 2, 3, 8, 9,
+                                   10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+           __builtin_shufflevector(t[2 * i], t[2 * i + 1], 4, 5, 6, 7, 12, 13,
+                                   14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  // Two lanes each of a[0] .. a[7].
+  const VF v = __builtin_shufflevector(u[0], u[1], 0, 1, 4, 5, 8, 9, 12, 13,
+                                       16, 17, 20, 21, 24, 25, 28, 29) +
+               __builtin_shufflevector(u[0], u[1], 2, 3, 6, 7, 10, 11, 14, 15,
+                                       18, 19, 22, 23, 26, 27, 30, 31);
+  const VF8 w = __builtin_shufflevector(v, v, 0, 2, 4, 6, 8, 10, 12, 14) +
+                __builtin_shufflevector(v, v, 1, 3, 5, 7, 9, 11, 13, 15);
+  for (int c = 0; c < 8; ++c) out[c] = w[c];
+}
+
+template <int C>
+inline void hsum_all(const VF* a, float* out) {
+  if constexpr (C % 8 == 0) {
+    for (int c = 0; c < C; c += 8) hsum8(a + c, out + c);
+  } else {
+    for (int c = 0; c < C; ++c) out[c] = hsum(a[c]);
   }
 }
 
@@ -202,10 +260,9 @@ void store_slots(const VF* xt, const Layout& lay, float* x) {
 // With have_stats the row max and sum are taken from *mx, *sm.
 template <int C>
 inline void row_weights(const float* qi, const VF* kt, const VF* mf,
-                        const int32_t* act, int32_t na, const Layout& lay,
+                        const int32_t* act, int32_t na, int64_t nb,
                         float inv_div, VF* w, float* mx, float* sm,
                         bool have_stats) {
-  const int64_t nb = lay.nb;
   VF vmax = splat(-3.0e38f);
   for (int32_t a = 0; a < na; ++a) {
     const int32_t b = act[a];
@@ -231,17 +288,42 @@ inline void row_weights(const float* qi, const VF* kt, const VF* mf,
   *sm = s;
 }
 
-// Dropout factors (scale where kept, 0 where dropped) of one row.
-inline void row_keep(uint32_t k1, uint32_t k2, uint32_t row, const Layout& lay,
-                     uint32_t threshold, float scale, VF* keep) {
-  const int64_t hb = lay.kh / L;
+// Dropout factors (scale where kept, 0 where dropped) of one row, in natural
+// key order: key j takes draw j % 4 of hash j / 4, the draws of a hash being
+// (low, high) 16 bits of its first word, then of its second.
+inline void row_keep(uint32_t k1, uint32_t k2, uint32_t row,
+                     const Geometry& g, uint32_t threshold, float scale,
+                     VF* keep) {
   const VU th = splatu(threshold);
-  for (int64_t h = 0; h < hb; ++h) {
+  const VF on = splat(scale), off = splat(0.f);
+  for (int64_t h = 0; h < g.kh / L; ++h) {
     VU y1, y2;
     threefry16(k1, k2, row, uint32_t(h * L), &y1, &y2);
-    const VU draws[4] = {y1 & 0xFFFFu, y1 >> 16, y2 & 0xFFFFu, y2 >> 16};
-    for (int t = 0; t < 4; ++t)
-      keep[t * hb + h] = draws[t] < th ? splat(scale) : splat(0.f);
+    // Lane i of d_t: draw t of hash 16h + i.
+    const VF d0 = (y1 & 0xFFFFu) < th ? on : off;
+    const VF d1 = (y1 >> 16) < th ? on : off;
+    const VF d2 = (y2 & 0xFFFFu) < th ? on : off;
+    const VF d3 = (y2 >> 16) < th ? on : off;
+    // Interleave to keys 64h .. 64h + 63: (d0[i], d1[i], d2[i], d3[i]).
+    const VF lo01 = __builtin_shufflevector(d0, d1, 0, 16, 1, 17, 2, 18, 3,
+                                            19, 4, 20, 5, 21, 6, 22, 7, 23);
+    const VF hi01 = __builtin_shufflevector(d0, d1, 8, 24, 9, 25, 10, 26, 11,
+                                            27, 12, 28, 13, 29, 14, 30, 15,
+                                            31);
+    const VF lo23 = __builtin_shufflevector(d2, d3, 0, 16, 1, 17, 2, 18, 3,
+                                            19, 4, 20, 5, 21, 6, 22, 7, 23);
+    const VF hi23 = __builtin_shufflevector(d2, d3, 8, 24, 9, 25, 10, 26, 11,
+                                            27, 12, 28, 13, 29, 14, 30, 15,
+                                            31);
+    VF* out = keep + 4 * h;
+    out[0] = __builtin_shufflevector(lo01, lo23, 0, 1, 16, 17, 2, 3, 18, 19,
+                                     4, 5, 20, 21, 6, 7, 22, 23);
+    out[1] = __builtin_shufflevector(lo01, lo23, 8, 9, 24, 25, 10, 11, 26, 27,
+                                     12, 13, 28, 29, 14, 15, 30, 31);
+    out[2] = __builtin_shufflevector(hi01, hi23, 0, 1, 16, 17, 2, 3, 18, 19,
+                                     4, 5, 20, 21, 6, 7, 22, 23);
+    out[3] = __builtin_shufflevector(hi01, hi23, 8, 9, 24, 25, 10, 11, 26, 27,
+                                     12, 13, 28, 29, 14, 15, 30, 31);
   }
 }
 
@@ -253,24 +335,25 @@ struct Params {
 };
 
 template <int C>
-void forward_impl(ffi::ThreadPool& pool, const Layout& lay, const Mask& mask,
+void forward_impl(ffi::ThreadPool& pool, const Geometry& g, const Mask& mask,
                   const Params& p, float* out, float* stats) {
   const bool drop = p.threshold < 65536;
-  parallel_for(pool, lay.n, 4, [&](int64_t b0, int64_t e0) {
-    const int64_t nb = lay.nb;
-    std::vector<VF> kt(C * nb), vt(C * nb), w(nb), keep(nb);
+  parallel_for(pool, g.n, 4, [&](int64_t b0, int64_t e0) {
+    const int64_t nb = g.nb;
+    std::vector<VF> kt(C * nb), vt(C * nb), w(nb), keep(4 * g.kh / L);
     for (int64_t n = b0; n < e0; ++n) {
-      load_slots<C>(p.k + n * lay.k * C, lay, kt.data());
-      load_slots<C>(p.v + n * lay.k * C, lay, vt.data());
-      for (int64_t i = 0; i < lay.q; ++i) {
-        const int64_t row = n * lay.q + i;
+      load_slots<C>(p.k, g, n, kt.data());
+      load_slots<C>(p.v, g, n, vt.data());
+      for (int64_t i = 0; i < g.q; ++i) {
+        const int64_t row = n * g.q + i;
+        const int64_t at = g.offset(n, i, g.q, C);
         const int32_t* act = mask.active.data() + i * nb;
         const int32_t na = mask.num_active[i];
         float m = 0.f, s = 0.f;
-        row_weights<C>(p.q + row * C, kt.data(), mask.f.data() + i * nb, act,
-                       na, lay, p.inv_div, w.data(), &m, &s, false);
+        row_weights<C>(p.q + at, kt.data(), mask.f.data() + i * nb, act, na,
+                       nb, p.inv_div, w.data(), &m, &s, false);
         if (drop) {
-          row_keep(p.k1, p.k2, uint32_t(row), lay, uint32_t(p.threshold),
+          row_keep(p.k1, p.k2, uint32_t(row), g, uint32_t(p.threshold),
                    p.drop_scale, keep.data());
           for (int32_t a = 0; a < na; ++a) w[act[a]] = w[act[a]] * keep[act[a]];
         }
@@ -281,7 +364,7 @@ void forward_impl(ffi::ThreadPool& pool, const Layout& lay, const Mask& mask,
 #pragma GCC unroll 64
           for (int c = 0; c < C; ++c) acc[c] += w[b] * vt[c * nb + b];
         }
-        for (int c = 0; c < C; ++c) out[row * C + c] = hsum(acc[c]);
+        hsum_all<C>(acc, out + at);
         stats[row * 2] = m;
         stats[row * 2 + 1] = s;
       }
@@ -289,33 +372,38 @@ void forward_impl(ffi::ThreadPool& pool, const Layout& lay, const Mask& mask,
   });
 }
 
+// Per pair, two passes. Rows: recompute the weights, form dlogits and the
+// dropped weights (kept in per-pair buffers) and dq. Key vectors: dk and dv
+// as sums over the rows in which the vector is active, accumulated in
+// registers and stored once.
 template <int C>
-void backward_impl(ffi::ThreadPool& pool, const Layout& lay, const Mask& mask,
+void backward_impl(ffi::ThreadPool& pool, const Geometry& g, const Mask& mask,
                    const Params& p, float* dq, float* dk, float* dv) {
   const bool drop = p.threshold < 65536;
-  parallel_for(pool, lay.n, 4, [&](int64_t b0, int64_t e0) {
-    const int64_t nb = lay.nb;
+  parallel_for(pool, g.n, 4, [&](int64_t b0, int64_t e0) {
+    const int64_t nb = g.nb;
     std::vector<VF> kt(C * nb), vt(C * nb), dkt(C * nb), dvt(C * nb);
-    std::vector<VF> w(nb), keep(nb, splat(1.f));
+    std::vector<VF> w(nb), keep(std::max<int64_t>(4 * g.kh / L, nb),
+                                splat(1.f));
+    std::vector<VF> dl(g.q * nb), wd(g.q * nb);
     for (int64_t n = b0; n < e0; ++n) {
-      load_slots<C>(p.k + n * lay.k * C, lay, kt.data());
-      load_slots<C>(p.v + n * lay.k * C, lay, vt.data());
-      std::fill(dkt.begin(), dkt.end(), VF{});
-      std::fill(dvt.begin(), dvt.end(), VF{});
-      for (int64_t i = 0; i < lay.q; ++i) {
-        const int64_t row = n * lay.q + i;
-        const float* qi = p.q + row * C;
-        const float* gi = p.g + row * C;
+      load_slots<C>(p.k, g, n, kt.data());
+      load_slots<C>(p.v, g, n, vt.data());
+      for (int64_t i = 0; i < g.q; ++i) {
+        const int64_t row = n * g.q + i;
+        const int64_t at = g.offset(n, i, g.q, C);
+        const float* qi = p.q + at;
+        const float* gi = p.g + at;
         const int32_t* act = mask.active.data() + i * nb;
         const int32_t na = mask.num_active[i];
         float m = p.stats[row * 2], s = p.stats[row * 2 + 1];
-        row_weights<C>(qi, kt.data(), mask.f.data() + i * nb, act, na, lay,
+        row_weights<C>(qi, kt.data(), mask.f.data() + i * nb, act, na, nb,
                        p.inv_div, w.data(), &m, &s, true);
         // D = rowsum(g * out) replaces a [Q, K] reduction of dW * w.
         float d_row = 0.f;
-        for (int c = 0; c < C; ++c) d_row += gi[c] * p.out[row * C + c];
+        for (int c = 0; c < C; ++c) d_row += gi[c] * p.out[at + c];
         if (drop)
-          row_keep(p.k1, p.k2, uint32_t(row), lay, uint32_t(p.threshold),
+          row_keep(p.k1, p.k2, uint32_t(row), g, uint32_t(p.threshold),
                    p.drop_scale, keep.data());
         VF acc[C];
         for (int c = 0; c < C; ++c) acc[c] = VF{};
@@ -325,31 +413,50 @@ void backward_impl(ffi::ThreadPool& pool, const Layout& lay, const Mask& mask,
 #pragma GCC unroll 64
           for (int c = 0; c < C; ++c) dw += gi[c] * vt[c * nb + b];
           dw = dw * keep[b];
-          const VF wd = w[b] * keep[b];
           const VF dlogits = w[b] * (dw - d_row) * p.inv_div;
 #pragma GCC unroll 64
+          for (int c = 0; c < C; ++c) acc[c] += dlogits * kt[c * nb + b];
+          dl[i * nb + b] = dlogits;
+          wd[i * nb + b] = w[b] * keep[b];
+        }
+        hsum_all<C>(acc, dq + at);
+      }
+      for (int64_t b = 0; b < nb; ++b) {
+        VF dka[C], dva[C];
+        for (int c = 0; c < C; ++c) dka[c] = dva[c] = VF{};
+        const int32_t* rows = mask.rows.data() + b * g.q;
+        for (int32_t r = 0; r < mask.num_rows[b]; ++r) {
+          const int64_t i = rows[r];
+          const int64_t at = g.offset(n, i, g.q, C);
+          const VF dli = dl[i * nb + b], wdi = wd[i * nb + b];
+#pragma GCC unroll 64
           for (int c = 0; c < C; ++c) {
-            acc[c] += dlogits * kt[c * nb + b];
-            dkt[c * nb + b] += qi[c] * dlogits;
-            dvt[c * nb + b] += gi[c] * wd;
+            dka[c] += p.q[at + c] * dli;
+            dva[c] += p.g[at + c] * wdi;
           }
         }
-        for (int c = 0; c < C; ++c) dq[row * C + c] = hsum(acc[c]);
+        for (int c = 0; c < C; ++c) {
+          dkt[c * nb + b] = dka[c];
+          dvt[c * nb + b] = dva[c];
+        }
       }
-      store_slots<C>(dkt.data(), lay, dk + n * lay.k * C);
-      store_slots<C>(dvt.data(), lay, dv + n * lay.k * C);
+      store_slots<C>(dkt.data(), g, n, dk);
+      store_slots<C>(dvt.data(), g, n, dv);
     }
   });
 }
 
-Layout layout_of(const ffi::Buffer<ffi::F32>& q,
-                 const ffi::Buffer<ffi::F32>& k) {
+// Pairs, rows and keys of the call. Heads-last operands are [B, T, H, C].
+Geometry geometry_of(const ffi::Buffer<ffi::F32>& q,
+                     const ffi::Buffer<ffi::F32>& k, bool heads_last) {
   const auto qd = q.dimensions();
   const auto kd = k.dimensions();
   const int64_t r = qd.size();
+  if (heads_last)
+    return Geometry(qd[0] * qd[2], qd[1], kd[1], qd[2]);
   int64_t n = 1;
   for (int64_t i = 0; i < r - 2; ++i) n *= qd[i];
-  return Layout(n, qd[r - 2], kd[r - 2]);
+  return Geometry(n, qd[r - 2], kd[r - 2], 1);
 }
 
 #define DECALIGN_HEAD_DIMS(X) X(4) X(8) X(16) X(32) X(64)
@@ -358,17 +465,22 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                    ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                    ffi::Buffer<ffi::U8> mask, ffi::Buffer<ffi::U32> key,
                    int64_t threshold, float drop_scale, float inv_div,
-                   ffi::ResultBuffer<ffi::F32> out,
+                   bool heads_last, ffi::ResultBuffer<ffi::F32> out,
                    ffi::ResultBuffer<ffi::F32> stats) {
-  const Layout lay = layout_of(q, k);
-  const Mask m(mask.typed_data(), lay);
+  if (heads_last && q.dimensions().size() != 4)
+    return ffi::Error::InvalidArgument(
+        "cpu_attention: heads_last operands must be [B, T, H, C]");
+  const Geometry g = geometry_of(q, k, heads_last);
+  if (int64_t(mask.element_count()) != g.q * g.k)
+    return ffi::Error::InvalidArgument("cpu_attention: mask is not [Q, K]");
+  const Mask m(mask.typed_data(), g);
   const Params p{q.typed_data(), k.typed_data(), v.typed_data(), nullptr,
                  nullptr, nullptr, key.typed_data()[0], key.typed_data()[1],
                  threshold, drop_scale, inv_div};
   switch (q.dimensions().back()) {
-#define CASE(C)                                                           \
-  case C:                                                                 \
-    forward_impl<C>(pool, lay, m, p, out->typed_data(), stats->typed_data()); \
+#define CASE(C)                                                         \
+  case C:                                                               \
+    forward_impl<C>(pool, g, m, p, out->typed_data(), stats->typed_data()); \
     break;
     DECALIGN_HEAD_DIMS(CASE)
 #undef CASE
@@ -383,21 +495,26 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                     ffi::Buffer<ffi::U8> mask, ffi::Buffer<ffi::U32> key,
                     ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> stats,
                     ffi::Buffer<ffi::F32> g, int64_t threshold,
-                    float drop_scale, float inv_div,
+                    float drop_scale, float inv_div, bool heads_last,
                     ffi::ResultBuffer<ffi::F32> dq,
                     ffi::ResultBuffer<ffi::F32> dk,
                     ffi::ResultBuffer<ffi::F32> dv) {
-  const Layout lay = layout_of(q, k);
-  const Mask m(mask.typed_data(), lay);
+  if (heads_last && q.dimensions().size() != 4)
+    return ffi::Error::InvalidArgument(
+        "cpu_attention: heads_last operands must be [B, T, H, C]");
+  const Geometry geo = geometry_of(q, k, heads_last);
+  if (int64_t(mask.element_count()) != geo.q * geo.k)
+    return ffi::Error::InvalidArgument("cpu_attention: mask is not [Q, K]");
+  const Mask m(mask.typed_data(), geo);
   const Params p{q.typed_data(), k.typed_data(), v.typed_data(),
                  out.typed_data(), stats.typed_data(), g.typed_data(),
                  key.typed_data()[0], key.typed_data()[1], threshold,
                  drop_scale, inv_div};
   switch (q.dimensions().back()) {
-#define CASE(C)                                                      \
-  case C:                                                            \
-    backward_impl<C>(pool, lay, m, p, dq->typed_data(), dk->typed_data(), \
-                     dv->typed_data());                              \
+#define CASE(C)                                                        \
+  case C:                                                              \
+    backward_impl<C>(pool, geo, m, p, dq->typed_data(), dk->typed_data(), \
+                     dv->typed_data());                                \
     break;
     DECALIGN_HEAD_DIMS(CASE)
 #undef CASE
@@ -421,6 +538,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Attr<int64_t>("threshold")
         .Attr<float>("drop_scale")
         .Attr<float>("inv_div")
+        .Attr<bool>("heads_last")
         .Ret<ffi::Buffer<ffi::F32>>()   // out [..., Q, C]
         .Ret<ffi::Buffer<ffi::F32>>());  // (row max, row sum) [..., Q, 2]
 
@@ -439,6 +557,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Attr<int64_t>("threshold")
         .Attr<float>("drop_scale")
         .Attr<float>("inv_div")
+        .Attr<bool>("heads_last")
         .Ret<ffi::Buffer<ffi::F32>>()   // dq
         .Ret<ffi::Buffer<ffi::F32>>()   // dk
         .Ret<ffi::Buffer<ffi::F32>>());  // dv

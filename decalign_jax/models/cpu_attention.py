@@ -169,40 +169,47 @@ def resolve(implementation: str, field: str = "model.attention_kernel"
   return "cpu"
 
 
-def supports(q: jax.Array, k: jax.Array, key: jax.Array | None) -> bool:
+def supports(q: jax.Array, k: jax.Array, key: jax.Array | None,
+             heads_last: bool = False) -> bool:
   """Whether the kernel handles these operands (else use the XLA path)."""
   rows = math.prod(q.shape[:-1])
   return (q.dtype == jnp.float32 and k.dtype == jnp.float32
           and q.shape[-1] in HEAD_DIMS and q.ndim >= 3 and rows < 2**32
+          and (q.ndim == 4 or not heads_last)
           and (key is None
                or dropout_lib._threefry_key_words(key) is not None))  # pylint: disable=protected-access
 
 
-def _attrs(rate: float, head_dim: int) -> dict[str, np.generic]:
+def _attrs(rate: float, head_dim: int, heads_last: bool) -> dict:
   threshold = dropout_lib.keep_threshold(rate)
   scale = 2**16 / threshold if threshold else 0.0
   return {"threshold": np.int64(threshold), "drop_scale": np.float32(scale),
-          "inv_div": np.float32(1.0 / math.sqrt(head_dim))}
+          "inv_div": np.float32(1.0 / math.sqrt(head_dim)),
+          "heads_last": bool(heads_last)}
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _fused(q, k, v, mask, words, rate):
-  return _fused_fwd(q, k, v, mask, words, rate)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _fused(q, k, v, mask, words, rate, heads_last):
+  return _fused_fwd(q, k, v, mask, words, rate, heads_last)[0]
 
 
-def _fused_fwd(q, k, v, mask, words, rate):
+def _fused_fwd(q, k, v, mask, words, rate, heads_last):
+  # Row max and sum per (pair, query row): [B, H, Q, 2] for either layout.
+  rows = ((q.shape[0], q.shape[2], q.shape[1]) if heads_last
+          else q.shape[:-1])
   out_types = (jax.ShapeDtypeStruct(q.shape, q.dtype),
-               jax.ShapeDtypeStruct((*q.shape[:-1], 2), q.dtype))
+               jax.ShapeDtypeStruct((*rows, 2), q.dtype))
   out, stats = jax.ffi.ffi_call(_FFI_NAME.format("fwd"), out_types)(
-      q, k, v, mask, words, **_attrs(rate, q.shape[-1]))
+      q, k, v, mask, words, **_attrs(rate, q.shape[-1], heads_last))
   return out, (q, k, v, mask, words, out, stats)
 
 
-def _fused_bwd(rate, res, g):
+def _fused_bwd(rate, heads_last, res, g):
   q, k, v, mask, words, out, stats = res
   out_types = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v))
   dq, dk, dv = jax.ffi.ffi_call(_FFI_NAME.format("bwd"), out_types)(
-      q, k, v, mask, words, out, stats, g, **_attrs(rate, q.shape[-1]))
+      q, k, v, mask, words, out, stats, g,
+      **_attrs(rate, q.shape[-1], heads_last))
   return dq, dk, dv, None, None
 
 
@@ -210,26 +217,34 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array,
-              mask: jax.Array | None, key: jax.Array | None, rate: float
-              ) -> jax.Array:
+              mask: jax.Array | None, key: jax.Array | None, rate: float,
+              heads_last: bool = False) -> jax.Array:
   """`dropout(softmax(q k^T / sqrt(C), mask)) @ v` by the kernel.
 
   Args:
-    q: `[..., Q, C]` float32 queries.
-    k: `[..., K, C]` keys.
-    v: `[..., K, C]` values.
+    q: `[..., Q, C]` float32 queries, or `[B, Q, H, C]` with `heads_last`.
+    k: `[..., K, C]` keys (`[B, K, H, C]`).
+    v: `[..., K, C]` values (`[B, K, H, C]`).
     mask: optional `[Q, K]` bool, True = attend.
     key: Threefry PRNG key, or None when `rate` is 0.
     rate: attention dropout rate.
+    heads_last: operands in the `[B, T, H, C]` layout; the dropout mask is
+      still that of the heads-first `[B, H, Q, K]` weights.
 
   Returns:
-    `[..., Q, C]`, equal to the XLA path to float32 rounding, with the same
-    dropout mask.
+    The output in the layout of `q`, equal to the XLA path to float32
+    rounding, with the same dropout mask.
   """
   _register()
+  q_len, k_len = (q.shape[1], k.shape[1]) if heads_last else (
+      q.shape[-2], k.shape[-2])
   if mask is None:
-    mask = jnp.ones((q.shape[-2], k.shape[-2]), jnp.uint8)
+    mask = jnp.ones((q_len, k_len), jnp.uint8)
+  if mask.shape != (q_len, k_len):
+    raise ValueError(f"attention mask has shape {mask.shape}; expected "
+                     f"(queries, keys) = {(q_len, k_len)}")
   words = jnp.zeros((2,), jnp.uint32)
   if key is not None:
     words = jnp.stack(dropout_lib._threefry_key_words(key)).astype(jnp.uint32)  # pylint: disable=protected-access
-  return _fused(q, k, v, mask.astype(jnp.uint8), words, float(rate))
+  return _fused(q, k, v, mask.astype(jnp.uint8), words, float(rate),
+                bool(heads_last))

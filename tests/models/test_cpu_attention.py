@@ -24,11 +24,11 @@ def _operands(q_len, k_len, head_dim, lead=(3, 4)):
   return [jnp.asarray(_RS.standard_normal(s), jnp.float32) for s in shapes]
 
 
-def _loss_and_grads(impl, q, k, v, g, mask, rate):
+def _loss_and_grads(impl, q, k, v, g, mask, rate, heads_last=False):
   def loss(q, k, v):
     out, _ = attention.attention(q, k, v, mask=mask, dropout_rate=rate,
                                  dropout_key=KEY if rate else None,
-                                 implementation=impl)
+                                 implementation=impl, heads_last=heads_last)
     return jnp.sum(out * g), out
 
   (_, out), grads = jax.jit(jax.value_and_grad(loss, (0, 1, 2),
@@ -36,15 +36,19 @@ def _loss_and_grads(impl, q, k, v, g, mask, rate):
   return out, grads
 
 
-@pytest.mark.parametrize("q_len,k_len,head_dim,mask_kind,rate", [
-    (50, 100, 8, "causal_cross", 0.1),   # the MOSI shape
-    (50, 100, 8, "causal_cross", 0.0),
-    (7, 7, 8, "causal", 0.3),            # one partial vector of keys
-    (9, 70, 16, "none", 0.25),           # keys over two hash vectors
-    (5, 13, 4, "random", 0.5),
+@pytest.mark.parametrize("q_len,k_len,head_dim,mask_kind,rate,heads_last", [
+    (50, 100, 8, "causal_cross", 0.1, False),  # the MOSI shape
+    (50, 100, 8, "none", 0.1, True),           # as MOSI runs it
+    (50, 100, 8, "causal_cross", 0.0, True),
+    (7, 7, 8, "causal", 0.3, False),           # one partial vector of keys
+    (9, 70, 16, "none", 0.25, True),           # keys over two hash vectors
+    (5, 13, 4, "random", 0.5, False),
+    (5, 13, 4, "random", 0.5, True),
 ])
-def test_matches_xla(q_len, k_len, head_dim, mask_kind, rate):
+def test_matches_xla(q_len, k_len, head_dim, mask_kind, rate, heads_last):
   q, k, v, g = _operands(q_len, k_len, head_dim)
+  if heads_last:  # [3, 4, T, C] as [B=3, T, H=4, C]: the same values moved
+    q, k, v, g = (x.transpose(0, 2, 1, 3) for x in (q, k, v, g))
   mask = {
       "none": None,
       "causal": transformer.causal_mask(q_len, [k_len]),
@@ -52,8 +56,9 @@ def test_matches_xla(q_len, k_len, head_dim, mask_kind, rate):
       "random": jnp.asarray(_RS.random((q_len, k_len)) > 0.4).at[:, 0].set(
           True),
   }[mask_kind]
-  out_x, grads_x = _loss_and_grads("xla", q, k, v, g, mask, rate)
-  out_c, grads_c = _loss_and_grads("cpu", q, k, v, g, mask, rate)
+  out_x, grads_x = _loss_and_grads("xla", q, k, v, g, mask, rate,
+                                   heads_last)
+  out_c, grads_c = _loss_and_grads("cpu", q, k, v, g, mask, rate, heads_last)
   np.testing.assert_allclose(out_c, out_x, rtol=2e-5, atol=2e-6)
   for gc, gx in zip(grads_c, grads_x):
     np.testing.assert_allclose(gc, gx, rtol=2e-5, atol=5e-6)
@@ -73,6 +78,22 @@ def test_same_dropout_mask_as_xla():
   assert jnp.any(out_x == 0) and jnp.any(out_x != 0)
   np.testing.assert_array_equal(out_c == 0, out_x == 0)
   np.testing.assert_allclose(out_c, out_x, rtol=1e-5, atol=1e-7)
+
+
+def test_heads_last_is_the_same_attention_in_another_layout():
+  q, k, v, _ = _operands(6, 12, 8)
+  mask = transformer.causal_mask(6, [6, 6])
+  kw = dict(mask=mask, dropout_rate=0.3, dropout_key=KEY)
+  t = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731
+  first, w_first = attention.attention(q, k, v, implementation="cpu", **kw)
+  for impl in ("cpu", "xla"):
+    last, w_last = attention.attention(t(q), t(k), t(v), implementation=impl,
+                                       heads_last=True, **kw)
+    np.testing.assert_allclose(t(last), first, rtol=2e-5, atol=2e-6)
+    np.testing.assert_allclose(w_last, w_first, rtol=2e-5, atol=2e-6)
+  with pytest.raises(ValueError, match=r"mask has shape \(4, 4\)"):
+    cpu_attention.attention(t(q), t(k), t(v), jnp.ones((4, 4), bool), None,
+                            0.0, heads_last=True)
 
 
 def test_weights_output_and_its_gradient():
@@ -103,7 +124,8 @@ def test_unsupported_operands_take_the_xla_path():
     attention.attention(q, k, v, implementation="gpu")
 
 
-def test_model_loss_and_gradients_match_xla():
+@pytest.mark.parametrize("attn_mask", [True, False])
+def test_model_loss_and_gradients_match_xla(attn_mask):
   rs = np.random.default_rng(3)
   b, t = 4, 10
   x = [jnp.asarray(rs.standard_normal((b, t, d)), jnp.float32)
@@ -113,7 +135,8 @@ def test_model_loss_and_gradients_match_xla():
     model = decalign.DecAlign(
         feature_dims=(12, 5, 7), d_model=16, num_heads=2, num_layers=2,
         attn_dropout=0.2, attn_dropout_a=0.1, relu_dropout=0.1,
-        res_dropout=0.1, embed_dropout=0.1, attention_kernel=impl)
+        res_dropout=0.1, embed_dropout=0.1, attn_mask=attn_mask,
+        attention_kernel=impl)
     params = model.init(jax.random.key(0), *x)["params"]
 
     def loss(params):
