@@ -16,6 +16,12 @@ achieved GFLOP/s and MFU against `--peak-gflops` (this CPU's float32 matmul
 peak), and the reference numbers for the same batch size read from
 `benchmarks/bench_reference_cpu_malloc_{retain,default}.json`.
 
+With `--reference-python PY --reference-dir DIR` (a Python with PyTorch and
+a clone of taco-group/DecAlign), it then runs `reference_step.py` under PY
+with the same batch and step counts, once per glibc malloc mode, and adds
+`reference_same_run` and `speedup_vs_reference_same_run`: both sides
+measured in one run, on the same machine state.
+
 The XLA FLOP count includes elementwise work; `model_flops_per_step` is the
 analytic matmul count (3x the forward's: one forward, two backward matmuls),
 the usual MFU numerator.
@@ -25,6 +31,7 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -218,7 +225,21 @@ def main(argv=None):
   p.add_argument("--attention-kernel", choices=("auto", "cpu", "xla"),
                  default=None,
                  help="model.attention_kernel (default: the config's)")
+  p.add_argument("--reference-python", default=None,
+                 help="a Python with PyTorch and the reference's "
+                 "requirements: after timing ours, run "
+                 "benchmarks/reference_step.py with it, same batch and "
+                 "step counts, and report both (needs --reference-dir)")
+  p.add_argument("--reference-dir", default=None,
+                 help="a clone of taco-group/DecAlign")
+  p.add_argument("--reference-malloc", choices=("default", "retain", "both"),
+                 default="both",
+                 help="glibc malloc mode(s) for the reference run (retain: "
+                 "the MALLOC_* settings of bench_reference_cpu_malloc_"
+                 "retain.json)")
   args = p.parse_args(argv)
+  if (args.reference_python is None) != (args.reference_dir is None):
+    p.error("--reference-python and --reference-dir go together")
   # As train.py: before the first JAX computation starts its threads.
   applied = runtime.configure(ml_collections.ConfigDict(dict(
       retain_host_memory=not args.no_retain_host_memory,
@@ -339,7 +360,46 @@ def main(argv=None):
       "loadavg_1m_start_end": [round(load_start, 2),
                                round(os.getloadavg()[0], 2)],
   }
+  if args.reference_python:
+    same = run_reference(args)
+    result["reference_same_run"] = same
+    result["speedup_vs_reference_same_run"] = {
+        k: round(samples_per_s / v["train_samples_per_s"], 2)
+        for k, v in same.items()}
   print(json.dumps(result))
+
+
+# glibc told to keep freed memory, as for bench_reference_cpu_malloc_retain.
+RETAIN_MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0",
+                     "MALLOC_TRIM_THRESHOLD_": "100000000000",
+                     "MALLOC_TOP_PAD_": "1073741824"}
+
+
+def run_reference(args) -> dict:
+  """Runs reference_step.py under --reference-python, per malloc mode."""
+  modes = (("default", "retain") if args.reference_malloc == "both"
+           else (args.reference_malloc,))
+  out = {}
+  for mode in modes:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    if mode == "retain":
+      env.update(RETAIN_MALLOC_ENV)
+    cmd = [args.reference_python,
+           os.path.join(ROOT, "benchmarks", "reference_step.py"),
+           "--reference-dir", args.reference_dir, "--batch", str(args.batch),
+           "--steps", str(args.steps), "--warmup", str(args.warmup),
+           "--eval-steps", str(args.eval_steps), "--seed", str(args.seed)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
+                          check=False)
+    if proc.returncode != 0:
+      raise SystemExit(f"reference run failed ({' '.join(cmd)}):\n"
+                       f"{proc.stderr[-3000:]}")
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    out[mode] = {k: r[k] for k in (
+        "train_samples_per_s", "train_step_ms_median", "train_step_ms_p10",
+        "train_step_ms_p90", "eval_samples_per_s", "loss_first", "loss_last",
+        "torch", "threads")}
+  return out
 
 
 if __name__ == "__main__":

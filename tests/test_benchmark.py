@@ -37,3 +37,21 @@ def test_train_step_benchmark_json(extra, backbone):
   assert r["flops_per_step"] > r["model_flops_per_step"] / 10 > 0
   # Reference figures exist for batch 32 and 512 only, never with a backbone.
   assert r["reference"] == {} and r["speedup_vs_reference"] == {}
+
+
+def test_reference_bench_arguments_are_checked(tmp_path):
+  # The PyTorch side needs torch and a clone of taco-group/DecAlign, which
+  # CI has neither of; what is testable here is that bad input is named.
+  proc = subprocess.run(
+      [sys.executable, os.path.join(REPO, "benchmarks", "reference_step.py"),
+       "--reference-dir", str(tmp_path)], capture_output=True, text=True,
+      timeout=120, check=False)
+  assert proc.returncode != 0
+  assert f"--reference-dir {tmp_path}: no config/dec_mosi_config.json" in (
+      proc.stderr)
+  proc = subprocess.run(
+      [sys.executable, os.path.join(REPO, "benchmarks", "train_step.py"),
+       "--reference-python", sys.executable], capture_output=True, text=True,
+      timeout=300, check=False)
+  assert proc.returncode == 2
+  assert "--reference-python and --reference-dir go together" in proc.stderr
