@@ -171,32 +171,49 @@ struct Geometry {
   }
 };
 
-// Mask as 0/1 floats per slot; per row the vectors with any key, and per
-// vector the rows in which it has one.
+constexpr int R = 4;  // query rows processed together
+
+// Mask as 0/1 floats per slot; per row the vectors with any key, per block
+// of R rows the union of theirs, and per vector the rows in which it has one.
 struct Mask {
   std::vector<VF> f;
   std::vector<int32_t> active;  // q lists of up to nb vector indices
   std::vector<int32_t> num_active;
+  std::vector<int32_t> block_active;  // ceil(q / R) lists
+  std::vector<int32_t> block_num_active;
   std::vector<int32_t> rows;  // nb lists of up to q row indices
   std::vector<int32_t> num_rows;
   Mask(const uint8_t* m, const Geometry& g)
       : f(g.q * g.nb, VF{}), active(g.q * g.nb), num_active(g.q),
-        rows(g.nb * g.q), num_rows(g.nb, 0) {
+        block_active((g.q + R - 1) / R * g.nb),
+        block_num_active((g.q + R - 1) / R, 0), rows(g.nb * g.q),
+        num_rows(g.nb, 0) {
     float* p = reinterpret_cast<float*>(f.data());
     for (int64_t i = 0; i < g.q; ++i)
       for (int64_t j = 0; j < g.k; ++j)
         p[i * g.kp + j] = m[i * g.k + j] ? 1.f : 0.f;
+    std::vector<char> any(g.q * g.nb, 0);
+    for (int64_t i = 0; i < g.q; ++i)
+      for (int64_t j = 0; j < g.k; ++j)
+        any[i * g.nb + j / L] |= m[i * g.k + j] != 0;
     for (int64_t i = 0; i < g.q; ++i) {
       int32_t c = 0;
       for (int64_t b = 0; b < g.nb; ++b) {
-        const VF v = f[i * g.nb + b];
-        bool any = false;
-        for (int l = 0; l < L; ++l) any |= v[l] != 0.f;
-        if (!any) continue;
+        if (!any[i * g.nb + b]) continue;
         active[i * g.nb + c++] = int32_t(b);
         rows[b * g.q + num_rows[b]++] = int32_t(i);
       }
       num_active[i] = c;
+    }
+    for (int64_t i0 = 0; i0 < g.q; i0 += R) {
+      int32_t c = 0;
+      for (int64_t b = 0; b < g.nb; ++b) {
+        bool u = false;
+        for (int64_t i = i0; i < std::min(g.q, i0 + R); ++i)
+          u |= any[i * g.nb + b] != 0;
+        if (u) block_active[i0 / R * g.nb + c++] = int32_t(b);
+      }
+      block_num_active[i0 / R] = c;
     }
   }
 };
@@ -256,36 +273,56 @@ inline void hsum_all(const VF* a, float* out) {
   }
 }
 
-// Softmax weights of one query row into w (inactive vectors untouched).
-// With have_stats the row max and sum are taken from *mx, *sm.
-template <int C>
-inline void row_weights(const float* qi, const VF* kt, const VF* mf,
-                        const int32_t* act, int32_t na, int64_t nb,
-                        float inv_div, VF* w, float* mx, float* sm,
-                        bool have_stats) {
-  VF vmax = splat(-3.0e38f);
+// Softmax weights of NR query rows (pointers qs) over the key vectors act,
+// into w[r * nb + b]; other vectors untouched. The rows advance together so
+// that each key vector feeds NR independent chains of products and exps. A
+// vector listed for the block but masked for a row gets weight 0 there
+// (zeros add exactly, so sums equal the row's own). With have_stats the row
+// max and sum are taken from mx, sm.
+template <int C, int NR>
+inline void block_weights(const float* const* qs, const VF* kt, const VF* mf,
+                          const int32_t* act, int32_t na, int64_t nb,
+                          float inv_div, VF* w, float* mx, float* sm,
+                          bool have_stats) {
+  VF vmax[NR], vs[NR];
+  for (int r = 0; r < NR; ++r) vmax[r] = splat(-3.0e38f);
   for (int32_t a = 0; a < na; ++a) {
     const int32_t b = act[a];
-    VF s = VF{};
+    VF s[NR];
+    for (int r = 0; r < NR; ++r) s[r] = VF{};
 #pragma GCC unroll 64
-    for (int c = 0; c < C; ++c) s += qi[c] * kt[c * nb + b];
-    s = s * inv_div;
-    w[b] = s;
-    vmax = mf[b] > 0.f ? (s > vmax ? s : vmax) : vmax;
+    for (int c = 0; c < C; ++c) {
+      const VF kv = kt[c * nb + b];
+      for (int r = 0; r < NR; ++r) s[r] += qs[r][c] * kv;
+    }
+    for (int r = 0; r < NR; ++r) {
+      const VF x = s[r] * inv_div;
+      w[r * nb + b] = x;
+      vmax[r] = mf[r * nb + b] > 0.f ? (x > vmax[r] ? x : vmax[r]) : vmax[r];
+    }
   }
-  const float m = have_stats ? *mx : hmax(vmax);
-  VF vs = VF{};
+  float m[NR], inv_s[NR];
+  for (int r = 0; r < NR; ++r) {
+    m[r] = have_stats ? mx[r] : hmax(vmax[r]);
+    vs[r] = VF{};
+  }
   for (int32_t a = 0; a < na; ++a) {
     const int32_t b = act[a];
-    const VF p = vexp(w[b] - m) * mf[b];
-    w[b] = p;
-    vs += p;
+    for (int r = 0; r < NR; ++r) {
+      const VF p = vexp(w[r * nb + b] - m[r]) * mf[r * nb + b];
+      w[r * nb + b] = p;
+      vs[r] += p;
+    }
   }
-  const float s = have_stats ? *sm : hsum(vs);
-  const float inv_s = 1.f / s;
-  for (int32_t a = 0; a < na; ++a) w[act[a]] = w[act[a]] * inv_s;
-  *mx = m;
-  *sm = s;
+  for (int r = 0; r < NR; ++r) {
+    const float s = have_stats ? sm[r] : hsum(vs[r]);
+    inv_s[r] = 1.f / s;
+    mx[r] = m[r];
+    sm[r] = s;
+  }
+  for (int32_t a = 0; a < na; ++a)
+    for (int r = 0; r < NR; ++r)
+      w[r * nb + act[a]] = w[r * nb + act[a]] * inv_s[r];
 }
 
 // Dropout factors (scale where kept, 0 where dropped) of one row, in natural
@@ -334,93 +371,150 @@ struct Params {
   float drop_scale, inv_div;
 };
 
+// Rows i0 .. i0 + NR - 1 of pair n: weights, dropout, weights x values.
+template <int C, int NR>
+inline void forward_rows(const Geometry& g, const Mask& mask, const Params& p,
+                         const VF* kt, const VF* vt, int64_t n, int64_t i0,
+                         const int32_t* act, int32_t na, VF* w, VF* keep,
+                         float* out, float* stats) {
+  const int64_t nb = g.nb;
+  const float* qs[NR];
+  for (int r = 0; r < NR; ++r) qs[r] = p.q + g.offset(n, i0 + r, g.q, C);
+  float m[NR], s[NR];
+  block_weights<C, NR>(qs, kt, mask.f.data() + i0 * nb, act, na, nb,
+                       p.inv_div, w, m, s, false);
+  for (int r = 0; r < NR; ++r) {
+    const int64_t row = n * g.q + i0 + r;
+    const VF* wr = w + r * nb;
+    VF acc[C];
+    for (int c = 0; c < C; ++c) acc[c] = VF{};
+    if (p.threshold < 65536) {
+      row_keep(p.k1, p.k2, uint32_t(row), g, uint32_t(p.threshold),
+               p.drop_scale, keep);
+      for (int32_t a = 0; a < na; ++a) {
+        const int32_t b = act[a];
+        const VF x = wr[b] * keep[b];
+#pragma GCC unroll 64
+        for (int c = 0; c < C; ++c) acc[c] += x * vt[c * nb + b];
+      }
+    } else {
+      for (int32_t a = 0; a < na; ++a) {
+        const int32_t b = act[a];
+#pragma GCC unroll 64
+        for (int c = 0; c < C; ++c) acc[c] += wr[b] * vt[c * nb + b];
+      }
+    }
+    hsum_all<C>(acc, out + g.offset(n, i0 + r, g.q, C));
+    stats[row * 2] = m[r];
+    stats[row * 2 + 1] = s[r];
+  }
+}
+
 template <int C>
 void forward_impl(ffi::ThreadPool& pool, const Geometry& g, const Mask& mask,
                   const Params& p, float* out, float* stats) {
-  const bool drop = p.threshold < 65536;
   parallel_for(pool, g.n, 4, [&](int64_t b0, int64_t e0) {
     const int64_t nb = g.nb;
-    std::vector<VF> kt(C * nb), vt(C * nb), w(nb), keep(4 * g.kh / L);
+    std::vector<VF> kt(C * nb), vt(C * nb), w(R * nb), keep(4 * g.kh / L);
     for (int64_t n = b0; n < e0; ++n) {
       load_slots<C>(p.k, g, n, kt.data());
       load_slots<C>(p.v, g, n, vt.data());
-      for (int64_t i = 0; i < g.q; ++i) {
-        const int64_t row = n * g.q + i;
-        const int64_t at = g.offset(n, i, g.q, C);
-        const int32_t* act = mask.active.data() + i * nb;
-        const int32_t na = mask.num_active[i];
-        float m = 0.f, s = 0.f;
-        row_weights<C>(p.q + at, kt.data(), mask.f.data() + i * nb, act, na,
-                       nb, p.inv_div, w.data(), &m, &s, false);
-        if (drop) {
-          row_keep(p.k1, p.k2, uint32_t(row), g, uint32_t(p.threshold),
-                   p.drop_scale, keep.data());
-          for (int32_t a = 0; a < na; ++a) w[act[a]] = w[act[a]] * keep[act[a]];
-        }
-        VF acc[C];
-        for (int c = 0; c < C; ++c) acc[c] = VF{};
-        for (int32_t a = 0; a < na; ++a) {
-          const int32_t b = act[a];
-#pragma GCC unroll 64
-          for (int c = 0; c < C; ++c) acc[c] += w[b] * vt[c * nb + b];
-        }
-        hsum_all<C>(acc, out + at);
-        stats[row * 2] = m;
-        stats[row * 2 + 1] = s;
-      }
+      int64_t i0 = 0;
+      for (; i0 + R <= g.q; i0 += R)
+        forward_rows<C, R>(g, mask, p, kt.data(), vt.data(), n, i0,
+                           mask.block_active.data() + i0 / R * nb,
+                           mask.block_num_active[i0 / R], w.data(),
+                           keep.data(), out, stats);
+      for (; i0 < g.q; ++i0)
+        forward_rows<C, 1>(g, mask, p, kt.data(), vt.data(), n, i0,
+                           mask.active.data() + i0 * nb, mask.num_active[i0],
+                           w.data(), keep.data(), out, stats);
     }
   });
 }
 
-// Per pair, two passes. Rows: recompute the weights, form dlogits and the
-// dropped weights (kept in per-pair buffers) and dq. Key vectors: dk and dv
-// as sums over the rows in which the vector is active, accumulated in
-// registers and stored once.
+// Rows i0 .. i0 + NR - 1 of pair n: recompute the weights, then dlogits and
+// the dropped weights into the pair's buffers dl, wd, and dq.
+template <int C, int NR>
+inline void backward_rows(const Geometry& g, const Mask& mask,
+                          const Params& p, const VF* kt, const VF* vt,
+                          int64_t n, int64_t i0, const int32_t* act,
+                          int32_t na, VF* w, VF* keep, VF* dl, VF* wd,
+                          float* dq) {
+  const int64_t nb = g.nb, nk = 4 * g.kh / L;
+  const float *qs[NR], *gs[NR];
+  float m[NR], s[NR], d_row[NR];
+  for (int r = 0; r < NR; ++r) {
+    const int64_t at = g.offset(n, i0 + r, g.q, C);
+    const int64_t row = n * g.q + i0 + r;
+    qs[r] = p.q + at;
+    gs[r] = p.g + at;
+    m[r] = p.stats[row * 2];
+    s[r] = p.stats[row * 2 + 1];
+    // D = rowsum(g * out) replaces a [Q, K] reduction of dW * w.
+    d_row[r] = 0.f;
+    for (int c = 0; c < C; ++c) d_row[r] += gs[r][c] * p.out[at + c];
+    if (p.threshold < 65536)
+      row_keep(p.k1, p.k2, uint32_t(row), g, uint32_t(p.threshold),
+               p.drop_scale, keep + r * nk);
+  }
+  block_weights<C, NR>(qs, kt, mask.f.data() + i0 * nb, act, na, nb,
+                       p.inv_div, w, m, s, true);
+  const bool drop = p.threshold < 65536;
+  for (int32_t a = 0; a < na; ++a) {
+    const int32_t b = act[a];
+    VF dw[NR];
+    for (int r = 0; r < NR; ++r) dw[r] = VF{};
+#pragma GCC unroll 64
+    for (int c = 0; c < C; ++c) {
+      const VF vv = vt[c * nb + b];
+      for (int r = 0; r < NR; ++r) dw[r] += gs[r][c] * vv;
+    }
+    for (int r = 0; r < NR; ++r) {
+      const VF wr = w[r * nb + b];
+      const VF kr = drop ? keep[r * nk + b] : splat(1.f);
+      dl[(i0 + r) * nb + b] = wr * (dw[r] * kr - d_row[r]) * p.inv_div;
+      wd[(i0 + r) * nb + b] = wr * kr;
+    }
+  }
+  for (int r = 0; r < NR; ++r) {
+    VF acc[C];
+    for (int c = 0; c < C; ++c) acc[c] = VF{};
+    const VF* dlr = dl + (i0 + r) * nb;
+    for (int32_t a = 0; a < na; ++a) {
+      const int32_t b = act[a];
+#pragma GCC unroll 64
+      for (int c = 0; c < C; ++c) acc[c] += dlr[b] * kt[c * nb + b];
+    }
+    hsum_all<C>(acc, dq + g.offset(n, i0 + r, g.q, C));
+  }
+}
+
+// Per pair, two passes. Rows: backward_rows. Key vectors: dk and dv as sums
+// over the rows in which the vector is active, accumulated in registers and
+// stored once.
 template <int C>
 void backward_impl(ffi::ThreadPool& pool, const Geometry& g, const Mask& mask,
                    const Params& p, float* dq, float* dk, float* dv) {
-  const bool drop = p.threshold < 65536;
   parallel_for(pool, g.n, 4, [&](int64_t b0, int64_t e0) {
     const int64_t nb = g.nb;
     std::vector<VF> kt(C * nb), vt(C * nb), dkt(C * nb), dvt(C * nb);
-    std::vector<VF> w(nb), keep(std::max<int64_t>(4 * g.kh / L, nb),
-                                splat(1.f));
+    std::vector<VF> w(R * nb), keep(R * 4 * g.kh / L);
     std::vector<VF> dl(g.q * nb), wd(g.q * nb);
     for (int64_t n = b0; n < e0; ++n) {
       load_slots<C>(p.k, g, n, kt.data());
       load_slots<C>(p.v, g, n, vt.data());
-      for (int64_t i = 0; i < g.q; ++i) {
-        const int64_t row = n * g.q + i;
-        const int64_t at = g.offset(n, i, g.q, C);
-        const float* qi = p.q + at;
-        const float* gi = p.g + at;
-        const int32_t* act = mask.active.data() + i * nb;
-        const int32_t na = mask.num_active[i];
-        float m = p.stats[row * 2], s = p.stats[row * 2 + 1];
-        row_weights<C>(qi, kt.data(), mask.f.data() + i * nb, act, na, nb,
-                       p.inv_div, w.data(), &m, &s, true);
-        // D = rowsum(g * out) replaces a [Q, K] reduction of dW * w.
-        float d_row = 0.f;
-        for (int c = 0; c < C; ++c) d_row += gi[c] * p.out[at + c];
-        if (drop)
-          row_keep(p.k1, p.k2, uint32_t(row), g, uint32_t(p.threshold),
-                   p.drop_scale, keep.data());
-        VF acc[C];
-        for (int c = 0; c < C; ++c) acc[c] = VF{};
-        for (int32_t a = 0; a < na; ++a) {
-          const int32_t b = act[a];
-          VF dw = VF{};
-#pragma GCC unroll 64
-          for (int c = 0; c < C; ++c) dw += gi[c] * vt[c * nb + b];
-          dw = dw * keep[b];
-          const VF dlogits = w[b] * (dw - d_row) * p.inv_div;
-#pragma GCC unroll 64
-          for (int c = 0; c < C; ++c) acc[c] += dlogits * kt[c * nb + b];
-          dl[i * nb + b] = dlogits;
-          wd[i * nb + b] = w[b] * keep[b];
-        }
-        hsum_all<C>(acc, dq + at);
-      }
+      int64_t i0 = 0;
+      for (; i0 + R <= g.q; i0 += R)
+        backward_rows<C, R>(g, mask, p, kt.data(), vt.data(), n, i0,
+                            mask.block_active.data() + i0 / R * nb,
+                            mask.block_num_active[i0 / R], w.data(),
+                            keep.data(), dl.data(), wd.data(), dq);
+      for (; i0 < g.q; ++i0)
+        backward_rows<C, 1>(g, mask, p, kt.data(), vt.data(), n, i0,
+                            mask.active.data() + i0 * nb,
+                            mask.num_active[i0], w.data(), keep.data(),
+                            dl.data(), wd.data(), dq);
       for (int64_t b = 0; b < nb; ++b) {
         VF dka[C], dva[C];
         for (int c = 0; c < C; ++c) dka[c] = dva[c] = VF{};
