@@ -1,8 +1,10 @@
 """The fused CPU attention kernel: build, load, call.
 
 `cpu_attention.cc` computes `attention.py`'s softmax-dropout attention and
-its FlashAttention backward row by row, inside the cache, with the dropout
-draws of `dropout.random_bits16` bit for bit. XLA:CPU instead writes the
+its FlashAttention backward per (batch, head) pair, four query rows at a
+time, inside the cache, with the dropout draws of `dropout.random_bits16`
+bit for bit. It reads heads-first `[..., T, C]` operands or, with
+`heads_last`, the projections' `[B, T, H, C]` layout in place. XLA:CPU instead writes the
 `[B, H, Q, K]` logits, weights and dropout bits to memory several times per
 layer, which at batch 512 of the MOSI shape (~80 MB per array) is most of
 the attention's time (`benchmarks/README.md`). No library provides such a
