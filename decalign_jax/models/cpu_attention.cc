@@ -273,6 +273,19 @@ inline void hsum_all(const VF* a, float* out) {
   }
 }
 
+// out[r] = sum_c xs[r][c] * t[c * nb + b]: NR rows against key vector b,
+// NR independent chains.
+template <int C, int NR>
+inline void rows_dot(const float* const* xs, const VF* t, int64_t nb,
+                     int32_t b, VF* out) {
+  for (int r = 0; r < NR; ++r) out[r] = VF{};
+#pragma GCC unroll 64
+  for (int c = 0; c < C; ++c) {
+    const VF tv = t[c * nb + b];
+    for (int r = 0; r < NR; ++r) out[r] += xs[r][c] * tv;
+  }
+}
+
 // Softmax weights of NR query rows (pointers qs) over the key vectors act,
 // into w[r * nb + b]; other vectors untouched. The rows advance together so
 // that each key vector feeds NR independent chains of products and exps. A
@@ -289,12 +302,7 @@ inline void block_weights(const float* const* qs, const VF* kt, const VF* mf,
   for (int32_t a = 0; a < na; ++a) {
     const int32_t b = act[a];
     VF s[NR];
-    for (int r = 0; r < NR; ++r) s[r] = VF{};
-#pragma GCC unroll 64
-    for (int c = 0; c < C; ++c) {
-      const VF kv = kt[c * nb + b];
-      for (int r = 0; r < NR; ++r) s[r] += qs[r][c] * kv;
-    }
+    rows_dot<C, NR>(qs, kt, nb, b, s);
     for (int r = 0; r < NR; ++r) {
       const VF x = s[r] * inv_div;
       w[r * nb + b] = x;
@@ -464,12 +472,7 @@ inline void backward_rows(const Geometry& g, const Mask& mask,
   for (int32_t a = 0; a < na; ++a) {
     const int32_t b = act[a];
     VF dw[NR];
-    for (int r = 0; r < NR; ++r) dw[r] = VF{};
-#pragma GCC unroll 64
-    for (int c = 0; c < C; ++c) {
-      const VF vv = vt[c * nb + b];
-      for (int r = 0; r < NR; ++r) dw[r] += gs[r][c] * vv;
-    }
+    rows_dot<C, NR>(gs, vt, nb, b, dw);
     for (int r = 0; r < NR; ++r) {
       const VF wr = w[r * nb + b];
       const VF kr = drop ? keep[r * nk + b] : splat(1.f);
