@@ -21,6 +21,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -379,6 +380,21 @@ struct Params {
   float drop_scale, inv_div;
 };
 
+// fn(std::integral_constant<int, NR>, i0, active vectors, their count) for
+// the query rows in blocks of R (over the block's union of active vectors),
+// then the remaining rows one at a time.
+template <typename F>
+inline void for_row_blocks(const Geometry& g, const Mask& mask, F fn) {
+  int64_t i0 = 0;
+  for (; i0 + R <= g.q; i0 += R)
+    fn(std::integral_constant<int, R>{}, i0,
+       mask.block_active.data() + i0 / R * g.nb,
+       mask.block_num_active[i0 / R]);
+  for (; i0 < g.q; ++i0)
+    fn(std::integral_constant<int, 1>{}, i0,
+       mask.active.data() + i0 * g.nb, mask.num_active[i0]);
+}
+
 // Rows i0 .. i0 + NR - 1 of pair n: weights, dropout, weights x values.
 template <int C, int NR>
 inline void forward_rows(const Geometry& g, const Mask& mask, const Params& p,
@@ -427,16 +443,12 @@ void forward_impl(ffi::ThreadPool& pool, const Geometry& g, const Mask& mask,
     for (int64_t n = b0; n < e0; ++n) {
       load_slots<C>(p.k, g, n, kt.data());
       load_slots<C>(p.v, g, n, vt.data());
-      int64_t i0 = 0;
-      for (; i0 + R <= g.q; i0 += R)
-        forward_rows<C, R>(g, mask, p, kt.data(), vt.data(), n, i0,
-                           mask.block_active.data() + i0 / R * nb,
-                           mask.block_num_active[i0 / R], w.data(),
-                           keep.data(), out, stats);
-      for (; i0 < g.q; ++i0)
-        forward_rows<C, 1>(g, mask, p, kt.data(), vt.data(), n, i0,
-                           mask.active.data() + i0 * nb, mask.num_active[i0],
-                           w.data(), keep.data(), out, stats);
+      for_row_blocks(g, mask, [&](auto nr, int64_t i0, const int32_t* act,
+                                  int32_t na) {
+        forward_rows<C, decltype(nr)::value>(g, mask, p, kt.data(), vt.data(),
+                                             n, i0, act, na, w.data(),
+                                             keep.data(), out, stats);
+      });
     }
   });
 }
@@ -507,17 +519,12 @@ void backward_impl(ffi::ThreadPool& pool, const Geometry& g, const Mask& mask,
     for (int64_t n = b0; n < e0; ++n) {
       load_slots<C>(p.k, g, n, kt.data());
       load_slots<C>(p.v, g, n, vt.data());
-      int64_t i0 = 0;
-      for (; i0 + R <= g.q; i0 += R)
-        backward_rows<C, R>(g, mask, p, kt.data(), vt.data(), n, i0,
-                            mask.block_active.data() + i0 / R * nb,
-                            mask.block_num_active[i0 / R], w.data(),
-                            keep.data(), dl.data(), wd.data(), dq);
-      for (; i0 < g.q; ++i0)
-        backward_rows<C, 1>(g, mask, p, kt.data(), vt.data(), n, i0,
-                            mask.active.data() + i0 * nb,
-                            mask.num_active[i0], w.data(), keep.data(),
-                            dl.data(), wd.data(), dq);
+      for_row_blocks(g, mask, [&](auto nr, int64_t i0, const int32_t* act,
+                                  int32_t na) {
+        backward_rows<C, decltype(nr)::value>(
+            g, mask, p, kt.data(), vt.data(), n, i0, act, na, w.data(),
+            keep.data(), dl.data(), wd.data(), dq);
+      });
       for (int64_t b = 0; b < nb; ++b) {
         VF dka[C], dva[C];
         for (int c = 0; c < C; ++c) dka[c] = dva[c] = VF{};
