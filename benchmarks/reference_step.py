@@ -49,7 +49,11 @@ def main(argv=None):
   p.add_argument("--steps", type=int, default=20)
   p.add_argument("--warmup", type=int, default=3)
   p.add_argument("--eval-steps", type=int, default=20)
-  p.add_argument("--threads", type=int, default=os.cpu_count())
+  # The CPUs this process may run on (taskset), not the machine's count:
+  # two threads on one allowed core would oversubscribe it.
+  p.add_argument("--threads", type=int, default=(
+      len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+      else os.cpu_count()))
   p.add_argument("--seed", type=int, default=0)
   args = p.parse_args(argv)
 
