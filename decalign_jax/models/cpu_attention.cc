@@ -565,33 +565,46 @@ Geometry geometry_of(const ffi::Buffer<ffi::F32>& q,
 
 #define DECALIGN_HEAD_DIMS(X) X(4) X(8) X(16) X(32) X(64)
 
-ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
-                   ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                   ffi::Buffer<ffi::U8> mask, ffi::Buffer<ffi::U32> key,
-                   int64_t threshold, float drop_scale, float inv_div,
-                   bool heads_last, ffi::ResultBuffer<ffi::F32> out,
-                   ffi::ResultBuffer<ffi::F32> stats) {
+// The checks both entry points make, then fn(std::integral_constant<int,
+// C>{}, geometry, mask) for the operands' head dim C.
+template <typename F>
+ffi::Error with_operands(const ffi::Buffer<ffi::F32>& q,
+                         const ffi::Buffer<ffi::F32>& k,
+                         const ffi::Buffer<ffi::U8>& mask, bool heads_last,
+                         F fn) {
   if (heads_last && q.dimensions().size() != 4)
     return ffi::Error::InvalidArgument(
         "cpu_attention: heads_last operands must be [B, T, H, C]");
   const Geometry g = geometry_of(q, k, heads_last);
   if (int64_t(mask.element_count()) != g.q * g.k)
     return ffi::Error::InvalidArgument("cpu_attention: mask is not [Q, K]");
-  const Mask m(mask.typed_data(), g);
-  const Params p{q.typed_data(), k.typed_data(), v.typed_data(), nullptr,
-                 nullptr, nullptr, key.typed_data()[0], key.typed_data()[1],
-                 threshold, drop_scale, inv_div};
   switch (q.dimensions().back()) {
-#define CASE(C)                                                         \
-  case C:                                                               \
-    forward_impl<C>(pool, g, m, p, out->typed_data(), stats->typed_data()); \
-    break;
+#define CASE(C)                                                 \
+  case C:                                                       \
+    fn(std::integral_constant<int, C>{}, g, Mask(mask.typed_data(), g)); \
+    return ffi::Error::Success();
     DECALIGN_HEAD_DIMS(CASE)
 #undef CASE
     default:
       return ffi::Error::InvalidArgument("cpu_attention: unsupported head dim");
   }
-  return ffi::Error::Success();
+}
+
+ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
+                   ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                   ffi::Buffer<ffi::U8> mask, ffi::Buffer<ffi::U32> key,
+                   int64_t threshold, float drop_scale, float inv_div,
+                   bool heads_last, ffi::ResultBuffer<ffi::F32> out,
+                   ffi::ResultBuffer<ffi::F32> stats) {
+  const Params p{q.typed_data(), k.typed_data(), v.typed_data(), nullptr,
+                 nullptr, nullptr, key.typed_data()[0], key.typed_data()[1],
+                 threshold, drop_scale, inv_div};
+  return with_operands(
+      q, k, mask, heads_last,
+      [&](auto c, const Geometry& geo, const Mask& m) {
+        forward_impl<decltype(c)::value>(pool, geo, m, p, out->typed_data(),
+                                         stats->typed_data());
+      });
 }
 
 ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
@@ -603,29 +616,16 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                     ffi::ResultBuffer<ffi::F32> dq,
                     ffi::ResultBuffer<ffi::F32> dk,
                     ffi::ResultBuffer<ffi::F32> dv) {
-  if (heads_last && q.dimensions().size() != 4)
-    return ffi::Error::InvalidArgument(
-        "cpu_attention: heads_last operands must be [B, T, H, C]");
-  const Geometry geo = geometry_of(q, k, heads_last);
-  if (int64_t(mask.element_count()) != geo.q * geo.k)
-    return ffi::Error::InvalidArgument("cpu_attention: mask is not [Q, K]");
-  const Mask m(mask.typed_data(), geo);
   const Params p{q.typed_data(), k.typed_data(), v.typed_data(),
                  out.typed_data(), stats.typed_data(), g.typed_data(),
                  key.typed_data()[0], key.typed_data()[1], threshold,
                  drop_scale, inv_div};
-  switch (q.dimensions().back()) {
-#define CASE(C)                                                        \
-  case C:                                                              \
-    backward_impl<C>(pool, geo, m, p, dq->typed_data(), dk->typed_data(), \
-                     dv->typed_data());                                \
-    break;
-    DECALIGN_HEAD_DIMS(CASE)
-#undef CASE
-    default:
-      return ffi::Error::InvalidArgument("cpu_attention: unsupported head dim");
-  }
-  return ffi::Error::Success();
+  return with_operands(
+      q, k, mask, heads_last,
+      [&](auto c, const Geometry& geo, const Mask& m) {
+        backward_impl<decltype(c)::value>(pool, geo, m, p, dq->typed_data(),
+                                          dk->typed_data(), dv->typed_data());
+      });
 }
 
 }  // namespace
