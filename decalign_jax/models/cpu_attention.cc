@@ -16,6 +16,7 @@
 // Operands are heads-first [..., T, C] or, with `heads_last`, [B, T, H, C].
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>
@@ -64,10 +65,15 @@ inline float hmax(VF v) {
 inline VF vexp(VF x) {
   x = x < splat(88.3762626647949f) ? x : splat(88.3762626647949f);
   x = x > splat(-87.3365447504f) ? x : splat(-87.3365447504f);
-  VF fx = x * 1.44269504088896341f + 0.5f;
-  VF tf = __builtin_convertvector(__builtin_convertvector(fx, VI), VF);
-  tf = tf > fx ? tf - 1.f : tf;  // floor
-  VI ti = __builtin_convertvector(tf, VI);
+  // n = round(x / ln 2) by the 1.5 * 2^23 shifter: adding it leaves n in
+  // the low mantissa bits (Cephes' floor(x / ln 2 + 0.5), but for ties).
+  const VF shifter = splat(12582912.f);
+  const VF t = x * 1.44269504088896341f + shifter;
+  const VF tf = t - shifter;
+  VI ti, ts;
+  std::memcpy(&ti, &t, sizeof(ti));
+  std::memcpy(&ts, &shifter, sizeof(ts));
+  ti -= ts;
   x = x - tf * 0.693359375f;
   x = x - tf * -2.12194440e-4f;
   VF z = x * x;
@@ -86,26 +92,39 @@ inline VF vexp(VF x) {
 
 inline VU rotl(VU x, int r) { return (x << r) | (x >> (32 - r)); }
 
-// Threefry-2x32 (20 rounds, as jax.random) of counters (hi, lo0 + lane).
-inline void threefry16(uint32_t k1, uint32_t k2, uint32_t hi, uint32_t lo0,
-                       VU* y1, VU* y2) {
+// Threefry-2x32 (20 rounds, as jax.random) of NV vectors of counters
+// (hi[v], lo0[v] + lane). The NV chains are independent, so their rounds'
+// add-rotate-xor latencies overlap (one chain alone waits on each step).
+template <int NV>
+inline void threefry16(uint32_t k1, uint32_t k2, const uint32_t* hi,
+                       const uint32_t* lo0, VU* y1, VU* y2) {
   const uint32_t ks[3] = {k1, k2, k1 ^ k2 ^ 0x1BD11BDAu};
   static constexpr int kRot[2][4] = {{13, 15, 26, 6}, {17, 29, 16, 24}};
   VU lane;
-  for (int i = 0; i < L; ++i) lane[i] = lo0 + i;
-  VU a = splatu(hi + ks[0]), b = lane + ks[1];
+  for (int i = 0; i < L; ++i) lane[i] = uint32_t(i);
+  VU a[NV], b[NV];
+  for (int v = 0; v < NV; ++v) {
+    a[v] = splatu(hi[v] + ks[0]);
+    b[v] = lane + (lo0[v] + ks[1]);
+  }
 #pragma GCC unroll 5
   for (int i = 0; i < 5; ++i) {
 #pragma GCC unroll 4
     for (int j = 0; j < 4; ++j) {
-      a += b;
-      b = rotl(b, kRot[i % 2][j]) ^ a;
+      for (int v = 0; v < NV; ++v) {
+        a[v] += b[v];
+        b[v] = rotl(b[v], kRot[i % 2][j]) ^ a[v];
+      }
     }
-    a += ks[(i + 1) % 3];
-    b += ks[(i + 2) % 3] + uint32_t(i + 1);
+    for (int v = 0; v < NV; ++v) {
+      a[v] += ks[(i + 1) % 3];
+      b[v] += ks[(i + 2) % 3] + uint32_t(i + 1);
+    }
   }
-  *y1 = a;
-  *y2 = b;
+  for (int v = 0; v < NV; ++v) {
+    y1[v] = a[v];
+    y2[v] = b[v];
+  }
 }
 
 // Runs fn(begin, end) over chunks of [0, n) on the calling thread and on
@@ -287,17 +306,16 @@ inline void rows_dot(const float* const* xs, const VF* t, int64_t nb,
   }
 }
 
-// Softmax weights of NR query rows (pointers qs) over the key vectors act,
-// into w[r * nb + b]; other vectors untouched. The rows advance together so
-// that each key vector feeds NR independent chains of products and exps. A
-// vector listed for the block but masked for a row gets weight 0 there
-// (zeros add exactly, so sums equal the row's own). With have_stats the row
-// max and sum are taken from mx, sm.
+// Unnormalised softmax weights exp(x - max) of NR query rows (pointers qs)
+// over the key vectors act, into w[r * nb + b] (other vectors untouched),
+// with each row's max and sum of weights into mx, sm. The rows advance
+// together so that each key vector feeds NR independent chains of products
+// and exps. A vector listed for the block but masked for a row gets weight 0
+// there (zeros add exactly, so sums equal the row's own).
 template <int C, int NR>
-inline void block_weights(const float* const* qs, const VF* kt, const VF* mf,
-                          const int32_t* act, int32_t na, int64_t nb,
-                          float inv_div, VF* w, float* mx, float* sm,
-                          bool have_stats) {
+inline void block_exp(const float* const* qs, const VF* kt, const VF* mf,
+                      const int32_t* act, int32_t na, int64_t nb,
+                      float inv_div, VF* w, float* mx, float* sm) {
   VF vmax[NR], vs[NR];
   for (int r = 0; r < NR; ++r) vmax[r] = splat(-3.0e38f);
   for (int32_t a = 0; a < na; ++a) {
@@ -310,66 +328,83 @@ inline void block_weights(const float* const* qs, const VF* kt, const VF* mf,
       vmax[r] = mf[r * nb + b] > 0.f ? (x > vmax[r] ? x : vmax[r]) : vmax[r];
     }
   }
-  float m[NR], inv_s[NR];
   for (int r = 0; r < NR; ++r) {
-    m[r] = have_stats ? mx[r] : hmax(vmax[r]);
+    mx[r] = hmax(vmax[r]);
     vs[r] = VF{};
   }
   for (int32_t a = 0; a < na; ++a) {
     const int32_t b = act[a];
     for (int r = 0; r < NR; ++r) {
-      const VF p = vexp(w[r * nb + b] - m[r]) * mf[r * nb + b];
+      const VF p = vexp(w[r * nb + b] - mx[r]) * mf[r * nb + b];
       w[r * nb + b] = p;
       vs[r] += p;
     }
   }
-  for (int r = 0; r < NR; ++r) {
-    const float s = have_stats ? sm[r] : hsum(vs[r]);
-    inv_s[r] = 1.f / s;
-    mx[r] = m[r];
-    sm[r] = s;
-  }
-  for (int32_t a = 0; a < na; ++a)
-    for (int r = 0; r < NR; ++r)
-      w[r * nb + act[a]] = w[r * nb + act[a]] * inv_s[r];
+  for (int r = 0; r < NR; ++r) sm[r] = hsum(vs[r]);
 }
 
-// Dropout factors (scale where kept, 0 where dropped) of one row, in natural
-// key order: key j takes draw j % 4 of hash j / 4, the draws of a hash being
-// (low, high) 16 bits of its first word, then of its second.
-inline void row_keep(uint32_t k1, uint32_t k2, uint32_t row,
-                     const Geometry& g, uint32_t threshold, float scale,
-                     VF* keep) {
+// The normalised weights of block_exp again, from a row's saved log-sum-exp
+// lse = max + log(sum): exp(x - lse), in one pass over the key vectors.
+template <int C, int NR>
+inline void block_weights(const float* const* qs, const VF* kt, const VF* mf,
+                          const int32_t* act, int32_t na, int64_t nb,
+                          float inv_div, const float* lse, VF* w) {
+  for (int32_t a = 0; a < na; ++a) {
+    const int32_t b = act[a];
+    VF s[NR];
+    rows_dot<C, NR>(qs, kt, nb, b, s);
+    for (int r = 0; r < NR; ++r)
+      w[r * nb + b] = vexp(s[r] * inv_div - lse[r]) * mf[r * nb + b];
+  }
+}
+
+// Dropout factors (scale where kept, 0 where dropped) of rows row0 ..
+// row0 + NR - 1 into keep + r * stride, in natural key order: key j takes
+// draw j % 4 of hash j / 4, the draws of a hash being (low, high) 16 bits of
+// its first word, then of its second.
+// Not inlined: its unrolled hashes would crowd the callers' hot loops
+// (the no-dropout forward ran 6% slower with it inline), and one call
+// serves NR rows.
+template <int NR>
+__attribute__((noinline)) void rows_keep(uint32_t k1, uint32_t k2,
+                                         uint32_t row0, const Geometry& g,
+                                         uint32_t threshold, float scale,
+                                         VF* keep, int64_t stride) {
   const VU th = splatu(threshold);
   const VF on = splat(scale), off = splat(0.f);
+  uint32_t hi[NR], lo[NR];
+  for (int r = 0; r < NR; ++r) hi[r] = row0 + uint32_t(r);
   for (int64_t h = 0; h < g.kh / L; ++h) {
-    VU y1, y2;
-    threefry16(k1, k2, row, uint32_t(h * L), &y1, &y2);
-    // Lane i of d_t: draw t of hash 16h + i.
-    const VF d0 = (y1 & 0xFFFFu) < th ? on : off;
-    const VF d1 = (y1 >> 16) < th ? on : off;
-    const VF d2 = (y2 & 0xFFFFu) < th ? on : off;
-    const VF d3 = (y2 >> 16) < th ? on : off;
-    // Interleave to keys 64h .. 64h + 63: (d0[i], d1[i], d2[i], d3[i]).
-    const VF lo01 = __builtin_shufflevector(d0, d1, 0, 16, 1, 17, 2, 18, 3,
-                                            19, 4, 20, 5, 21, 6, 22, 7, 23);
-    const VF hi01 = __builtin_shufflevector(d0, d1, 8, 24, 9, 25, 10, 26, 11,
-                                            27, 12, 28, 13, 29, 14, 30, 15,
-                                            31);
-    const VF lo23 = __builtin_shufflevector(d2, d3, 0, 16, 1, 17, 2, 18, 3,
-                                            19, 4, 20, 5, 21, 6, 22, 7, 23);
-    const VF hi23 = __builtin_shufflevector(d2, d3, 8, 24, 9, 25, 10, 26, 11,
-                                            27, 12, 28, 13, 29, 14, 30, 15,
-                                            31);
-    VF* out = keep + 4 * h;
-    out[0] = __builtin_shufflevector(lo01, lo23, 0, 1, 16, 17, 2, 3, 18, 19,
-                                     4, 5, 20, 21, 6, 7, 22, 23);
-    out[1] = __builtin_shufflevector(lo01, lo23, 8, 9, 24, 25, 10, 11, 26, 27,
-                                     12, 13, 28, 29, 14, 15, 30, 31);
-    out[2] = __builtin_shufflevector(hi01, hi23, 0, 1, 16, 17, 2, 3, 18, 19,
-                                     4, 5, 20, 21, 6, 7, 22, 23);
-    out[3] = __builtin_shufflevector(hi01, hi23, 8, 9, 24, 25, 10, 11, 26, 27,
-                                     12, 13, 28, 29, 14, 15, 30, 31);
+    for (int r = 0; r < NR; ++r) lo[r] = uint32_t(h * L);
+    VU y1[NR], y2[NR];
+    threefry16<NR>(k1, k2, hi, lo, y1, y2);
+    for (int r = 0; r < NR; ++r) {
+      // Lane i of d_t: draw t of hash 16h + i.
+      const VF d0 = (y1[r] & 0xFFFFu) < th ? on : off;
+      const VF d1 = (y1[r] >> 16) < th ? on : off;
+      const VF d2 = (y2[r] & 0xFFFFu) < th ? on : off;
+      const VF d3 = (y2[r] >> 16) < th ? on : off;
+      // Interleave to keys 64h .. 64h + 63: (d0[i], d1[i], d2[i], d3[i]).
+      const VF lo01 = __builtin_shufflevector(d0, d1, 0, 16, 1, 17, 2, 18, 3,
+                                              19, 4, 20, 5, 21, 6, 22, 7, 23);
+      const VF hi01 = __builtin_shufflevector(d0, d1, 8, 24, 9, 25, 10, 26,
+                                              11, 27, 12, 28, 13, 29, 14, 30,
+                                              15, 31);
+      const VF lo23 = __builtin_shufflevector(d2, d3, 0, 16, 1, 17, 2, 18, 3,
+                                              19, 4, 20, 5, 21, 6, 22, 7, 23);
+      const VF hi23 = __builtin_shufflevector(d2, d3, 8, 24, 9, 25, 10, 26,
+                                              11, 27, 12, 28, 13, 29, 14, 30,
+                                              15, 31);
+      VF* out = keep + r * stride + 4 * h;
+      out[0] = __builtin_shufflevector(lo01, lo23, 0, 1, 16, 17, 2, 3, 18,
+                                       19, 4, 5, 20, 21, 6, 7, 22, 23);
+      out[1] = __builtin_shufflevector(lo01, lo23, 8, 9, 24, 25, 10, 11, 26,
+                                       27, 12, 13, 28, 29, 14, 15, 30, 31);
+      out[2] = __builtin_shufflevector(hi01, hi23, 0, 1, 16, 17, 2, 3, 18,
+                                       19, 4, 5, 20, 21, 6, 7, 22, 23);
+      out[3] = __builtin_shufflevector(hi01, hi23, 8, 9, 24, 25, 10, 11, 26,
+                                       27, 12, 13, 28, 29, 14, 15, 30, 31);
+    }
   }
 }
 
@@ -395,40 +430,38 @@ inline void for_row_blocks(const Geometry& g, const Mask& mask, F fn) {
        mask.active.data() + i0 * g.nb, mask.num_active[i0]);
 }
 
-// Rows i0 .. i0 + NR - 1 of pair n: weights, dropout, weights x values.
-template <int C, int NR>
+// Rows i0 .. i0 + NR - 1 of pair n: weights, dropout (if kDrop), weights
+// x values.
+template <int C, int NR, bool kDrop>
 inline void forward_rows(const Geometry& g, const Mask& mask, const Params& p,
                          const VF* kt, const VF* vt, int64_t n, int64_t i0,
                          const int32_t* act, int32_t na, VF* w, VF* keep,
                          float* out, float* stats) {
-  const int64_t nb = g.nb;
+  const int64_t nb = g.nb, nk = 4 * g.kh / L;
   const float* qs[NR];
   for (int r = 0; r < NR; ++r) qs[r] = p.q + g.offset(n, i0 + r, g.q, C);
   float m[NR], s[NR];
-  block_weights<C, NR>(qs, kt, mask.f.data() + i0 * nb, act, na, nb,
-                       p.inv_div, w, m, s, false);
+  block_exp<C, NR>(qs, kt, mask.f.data() + i0 * nb, act, na, nb, p.inv_div,
+                   w, m, s);
+  if constexpr (kDrop)
+    rows_keep<NR>(p.k1, p.k2, uint32_t(n * g.q + i0), g,
+                  uint32_t(p.threshold), p.drop_scale, keep, nk);
   for (int r = 0; r < NR; ++r) {
     const int64_t row = n * g.q + i0 + r;
     const VF* wr = w + r * nb;
     VF acc[C];
     for (int c = 0; c < C; ++c) acc[c] = VF{};
-    if (p.threshold < 65536) {
-      row_keep(p.k1, p.k2, uint32_t(row), g, uint32_t(p.threshold),
-               p.drop_scale, keep);
-      for (int32_t a = 0; a < na; ++a) {
-        const int32_t b = act[a];
-        const VF x = wr[b] * keep[b];
+    for (int32_t a = 0; a < na; ++a) {
+      const int32_t b = act[a];
+      const VF x = kDrop ? wr[b] * keep[r * nk + b] : wr[b];
 #pragma GCC unroll 64
-        for (int c = 0; c < C; ++c) acc[c] += x * vt[c * nb + b];
-      }
-    } else {
-      for (int32_t a = 0; a < na; ++a) {
-        const int32_t b = act[a];
-#pragma GCC unroll 64
-        for (int c = 0; c < C; ++c) acc[c] += wr[b] * vt[c * nb + b];
-      }
+      for (int c = 0; c < C; ++c) acc[c] += x * vt[c * nb + b];
     }
-    hsum_all<C>(acc, out + g.offset(n, i0 + r, g.q, C));
+    float* o = out + g.offset(n, i0 + r, g.q, C);
+    hsum_all<C>(acc, o);
+    // A row with every key masked has sum 0 and stays zero.
+    const float inv_s = s[r] > 0.f ? 1.f / s[r] : 0.f;
+    for (int c = 0; c < C; ++c) o[c] *= inv_s;
     stats[row * 2] = m[r];
     stats[row * 2 + 1] = s[r];
   }
@@ -437,17 +470,25 @@ inline void forward_rows(const Geometry& g, const Mask& mask, const Params& p,
 template <int C>
 void forward_impl(ffi::ThreadPool& pool, const Geometry& g, const Mask& mask,
                   const Params& p, float* out, float* stats) {
+  const bool drop = p.threshold < 65536;
   parallel_for(pool, g.n, 4, [&](int64_t b0, int64_t e0) {
     const int64_t nb = g.nb;
-    std::vector<VF> kt(C * nb), vt(C * nb), w(R * nb), keep(4 * g.kh / L);
+    std::vector<VF> kt(C * nb), vt(C * nb), w(R * nb);
+    std::vector<VF> keep(R * 4 * g.kh / L);
     for (int64_t n = b0; n < e0; ++n) {
       load_slots<C>(p.k, g, n, kt.data());
       load_slots<C>(p.v, g, n, vt.data());
       for_row_blocks(g, mask, [&](auto nr, int64_t i0, const int32_t* act,
                                   int32_t na) {
-        forward_rows<C, decltype(nr)::value>(g, mask, p, kt.data(), vt.data(),
-                                             n, i0, act, na, w.data(),
-                                             keep.data(), out, stats);
+        constexpr int NR = decltype(nr)::value;
+        if (drop)
+          forward_rows<C, NR, true>(g, mask, p, kt.data(), vt.data(), n, i0,
+                                    act, na, w.data(), keep.data(), out,
+                                    stats);
+        else
+          forward_rows<C, NR, false>(g, mask, p, kt.data(), vt.data(), n, i0,
+                                     act, na, w.data(), keep.data(), out,
+                                     stats);
       });
     }
   });
@@ -463,23 +504,22 @@ inline void backward_rows(const Geometry& g, const Mask& mask,
                           float* dq) {
   const int64_t nb = g.nb, nk = 4 * g.kh / L;
   const float *qs[NR], *gs[NR];
-  float m[NR], s[NR], d_row[NR];
+  float lse[NR], d_row[NR];
   for (int r = 0; r < NR; ++r) {
     const int64_t at = g.offset(n, i0 + r, g.q, C);
     const int64_t row = n * g.q + i0 + r;
     qs[r] = p.q + at;
     gs[r] = p.g + at;
-    m[r] = p.stats[row * 2];
-    s[r] = p.stats[row * 2 + 1];
+    lse[r] = p.stats[row * 2] + std::log(p.stats[row * 2 + 1]);
     // D = rowsum(g * out) replaces a [Q, K] reduction of dW * w.
     d_row[r] = 0.f;
     for (int c = 0; c < C; ++c) d_row[r] += gs[r][c] * p.out[at + c];
-    if (p.threshold < 65536)
-      row_keep(p.k1, p.k2, uint32_t(row), g, uint32_t(p.threshold),
-               p.drop_scale, keep + r * nk);
   }
+  if (p.threshold < 65536)
+    rows_keep<NR>(p.k1, p.k2, uint32_t(n * g.q + i0), g,
+                  uint32_t(p.threshold), p.drop_scale, keep, nk);
   block_weights<C, NR>(qs, kt, mask.f.data() + i0 * nb, act, na, nb,
-                       p.inv_div, w, m, s, true);
+                       p.inv_div, lse, w);
   const bool drop = p.threshold < 65536;
   for (int32_t a = 0; a < na; ++a) {
     const int32_t b = act[a];

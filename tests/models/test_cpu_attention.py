@@ -80,6 +80,20 @@ def test_same_dropout_mask_as_xla():
   np.testing.assert_allclose(out_c, out_x, rtol=1e-5, atol=1e-7)
 
 
+def test_fully_masked_row_gives_zeros_and_finite_gradients():
+  # The documented difference from the XLA path (NaN there); the row shares
+  # a block of four query rows with unmasked ones.
+  q, k, v, g = _operands(6, 20, 8)
+  mask = jnp.ones((6, 20), bool).at[2].set(False)
+  out, grads = _loss_and_grads("cpu", q, k, v, g, mask, 0.2)
+  np.testing.assert_array_equal(out[..., 2, :], 0.0)
+  assert all(bool(jnp.all(jnp.isfinite(x))) for x in (out, *grads))
+  out_x, _ = _loss_and_grads("xla", q, k, v, g, mask, 0.2)
+  rows = np.array([0, 1, 3, 4, 5])
+  np.testing.assert_allclose(out[..., rows, :], out_x[..., rows, :],
+                             rtol=2e-5, atol=2e-6)
+
+
 def test_heads_last_is_the_same_attention_in_another_layout():
   q, k, v, _ = _operands(6, 12, 8)
   mask = transformer.causal_mask(6, [6, 6])
