@@ -143,7 +143,8 @@ class DecAlign(nn.Module):
       if self.feature_dims[i] != d:
         x = nn.Conv(d, (self.conv_kernels[i],), padding="VALID",
                     use_bias=False, name=f"proj_{m}",
-                    kernel_init=tfm.torch_default_kernel_init)(x)
+                    kernel_init=tfm.torch_default_kernel_init,
+                    conv_general_dilated=dots.dense_conv_general_dilated)(x)
       if masks[m] is not None:
         # A kernel > 1 shortens the sequence; keep the first T' mask entries.
         masks[m] = masks[m][:, :x.shape[1]]

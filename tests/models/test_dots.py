@@ -96,3 +96,26 @@ def test_dense_dot_general_matches_flax_dense_and_falls_back():
   np.testing.assert_array_equal(
       dots.dense_dot_general(a, b, dims),
       jax.lax.dot_general(a, b, dims))
+
+
+@pytest.mark.parametrize("kernel,padding,pointwise", [
+    ((1,), "VALID", True),   # the reference's Conv1d(kernel_size=1)
+    ((3,), "VALID", False),  # wider kernels stay convolutions
+    ((1,), "SAME", True),
+])
+def test_pointwise_conv_is_a_dense_layer(kernel, padding, pointwise):
+  x = _random((3, 7, 6), 0)
+  plain = nn.Conv(5, kernel, padding=padding, use_bias=False)
+  fast = nn.Conv(5, kernel, padding=padding, use_bias=False,
+                 conv_general_dilated=dots.dense_conv_general_dilated)
+  params = plain.init(jax.random.key(0), x)
+  np.testing.assert_allclose(fast.apply(params, x), plain.apply(params, x),
+                             rtol=1e-5, atol=1e-6)
+  loss = lambda m: lambda p, x: jnp.sum(m.apply(p, x) ** 2)  # noqa: E731
+  grads = [jax.grad(loss(m), argnums=(0, 1))(params, x)
+           for m in (fast, plain)]
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
+                                                       atol=1e-5), *grads)
+  # Pointwise convolutions leave no convolution in the compiled backward.
+  hlo = jax.jit(jax.grad(loss(fast))).lower(params, x).compile().as_text()
+  assert ("convolution(" in hlo) != pointwise
