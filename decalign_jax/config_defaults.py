@@ -78,6 +78,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Cross-modal attention core: 'auto' = the fused C++ kernel of
   # models/cpu_attention.py on a single CPU device (built on first use),
   # else XLA; 'cpu' = the kernel or an error; 'xla' = never the kernel.
+  # The kernel library also draws the model's dropout masks (the same bits).
   m.attention_kernel = "auto"
   # A local BERT-family directory (save_pretrained: config.json,
   # model.safetensors, tokenizer). Set: fine-tune it on the pickle's

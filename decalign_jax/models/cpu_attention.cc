@@ -14,6 +14,7 @@
 // interleaved into key order with shuffles. The backward keeps each pair's
 // dlogits and dropped weights and forms dk, dv per key vector in registers.
 // Operands are heads-first [..., T, C] or, with `heads_last`, [B, T, H, C].
+// The same Threefry draws give `dropout.keep_mask` its masks (DropoutKeep).
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -668,6 +669,49 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
       });
 }
 
+// Dropout keep masks, as dropout.keep_mask: keep[row, j] is draw j of the
+// row (draw j % 4 of Threefry hash (row, j / 4), as row_keep) under the
+// threshold; rows are the leading axes flattened. XLA materialises the
+// draws as uint32 pairs and compares them in a second pass; one byte per
+// element, hashed NV vectors at a time, is half that memory traffic.
+ffi::Error DropoutKeep(ffi::ThreadPool pool, ffi::Buffer<ffi::U32> key,
+                       int64_t threshold, ffi::ResultBuffer<ffi::PRED> out) {
+  const auto dims = out->dimensions();
+  if (dims.size() == 0)
+    return ffi::Error::InvalidArgument("dropout_keep: output must be >= 1-D");
+  const int64_t n = dims.back();
+  const int64_t rows = n ? int64_t(out->element_count()) / n : 0;
+  const int64_t vpr = ((n + 3) / 4 + L - 1) / L;  // hash vectors per row
+  const int64_t nv = rows * vpr;
+  constexpr int NV = 4;
+  const uint32_t k1 = key.typed_data()[0], k2 = key.typed_data()[1];
+  const VU th = splatu(uint32_t(threshold));
+  bool* keep = out->typed_data();
+  parallel_for(pool, (nv + NV - 1) / NV, 64, [&](int64_t b0, int64_t e0) {
+    for (int64_t blk = b0; blk < e0; ++blk) {
+      uint32_t hi[NV], lo[NV];
+      for (int v = 0; v < NV; ++v) {  // a short last block repeats vector nv-1
+        const int64_t at = std::min(blk * NV + v, nv - 1);
+        hi[v] = uint32_t(at / vpr);
+        lo[v] = uint32_t(at % vpr * L);
+      }
+      VU y1[NV], y2[NV];
+      threefry16<NV>(k1, k2, hi, lo, y1, y2);
+      for (int v = 0; v < NV && blk * NV + v < nv; ++v) {
+        const VI d[4] = {(y1[v] & 0xFFFFu) < th, (y1[v] >> 16) < th,
+                         (y2[v] & 0xFFFFu) < th, (y2[v] >> 16) < th};
+        bool bytes[4 * L];
+        for (int i = 0; i < L; ++i)
+          for (int t = 0; t < 4; ++t) bytes[4 * i + t] = d[t][i] != 0;
+        const int64_t j0 = 4 * int64_t(lo[v]);
+        std::memcpy(keep + int64_t(hi[v]) * n + j0, bytes,
+                    std::min<int64_t>(4 * L, n - j0));
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
@@ -705,3 +749,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Ret<ffi::Buffer<ffi::F32>>()   // dq
         .Ret<ffi::Buffer<ffi::F32>>()   // dk
         .Ret<ffi::Buffer<ffi::F32>>());  // dv
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    DecalignDropoutKeep, DropoutKeep,
+    ffi::Ffi::Bind()
+        .Ctx<ffi::ThreadPool>()
+        .Arg<ffi::Buffer<ffi::U32>>()  // Threefry key words [2]
+        .Attr<int64_t>("threshold")    // keep if draw < threshold
+        .Ret<ffi::Buffer<ffi::PRED>>());  // keep [..., n]

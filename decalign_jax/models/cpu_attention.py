@@ -8,7 +8,9 @@ bit for bit. It reads heads-first `[..., T, C]` operands or, with
 `[B, H, Q, K]` logits, weights and dropout bits to memory several times per
 layer, which at batch 512 of the MOSI shape (~80 MB per array) is most of
 the attention's time (`benchmarks/README.md`). No library provides such a
-kernel for XLA:CPU (Pallas has no CPU backend), hence the C++.
+kernel for XLA:CPU (Pallas has no CPU backend), hence the C++. The same
+library draws `dropout.keep_mask`'s masks (`keep_mask` below) for the
+transformers' other dropouts when the kernel is selected.
 
 The kernel is compiled on first use with the host's C++ compiler
 (`$CXX`, else `c++`; `-O3 -march=native`) against the XLA FFI headers that
@@ -47,7 +49,8 @@ SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)),
 HEAD_DIMS = (4, 8, 16, 32, 64)
 IMPLEMENTATIONS = ("auto", "xla", "cpu")
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
-_TARGETS = {"fwd": "DecalignAttentionFwd", "bwd": "DecalignAttentionBwd"}
+_TARGETS = {"fwd": "DecalignAttentionFwd", "bwd": "DecalignAttentionBwd",
+            "keep": "DecalignDropoutKeep"}
 _FFI_NAME = "decalign_cpu_attention_{}"
 
 
@@ -180,6 +183,27 @@ def supports(q: jax.Array, k: jax.Array, key: jax.Array | None,
           and (q.ndim == 4 or not heads_last)
           and (key is None
                or dropout_lib._threefry_key_words(key) is not None))  # pylint: disable=protected-access
+
+
+def keep_mask(words: jax.Array, shape, threshold: int) -> jax.Array:
+  """`dropout.keep_mask`'s boolean mask, drawn by the kernel library.
+
+  Bit for bit `random_bits16(key, shape) < threshold`, in one pass that
+  writes a byte per element (XLA writes the 16-bit draws, then compares).
+
+  Args:
+    words: the Threefry key's two uint32 words.
+    shape: mask shape, at least 1-D, fewer than 2^32 rows.
+    threshold: keep where the 16-bit draw is below it, in [1, 2^16).
+
+  Returns:
+    `bool[shape]`.
+  """
+  _register()
+  return jax.ffi.ffi_call(_FFI_NAME.format("keep"),
+                          jax.ShapeDtypeStruct(tuple(shape), jnp.bool_))(
+                              words.astype(jnp.uint32),
+                              threshold=np.int64(threshold))
 
 
 def _attrs(rate: float, head_dim: int, heads_last: bool) -> dict:

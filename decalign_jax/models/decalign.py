@@ -28,12 +28,15 @@ class DistributionEncoder(nn.Module):
 
   latent_dim: int
   dropout: float = 0.0
+  dropout_implementation: str = "xla"
 
   @nn.compact
   def __call__(self, x, *, deterministic=True):
     d = x.shape[-1]
     x = nn.relu(tfm.torch_dense(d, d, "net_0")(x))
-    x = dropout_lib.Dropout(self.dropout)(x, deterministic)
+    x = dropout_lib.Dropout(self.dropout,
+                            implementation=self.dropout_implementation)(
+                                x, deterministic)
     return tfm.torch_dense(self.latent_dim, d, "net_3")(x)
 
 
@@ -60,7 +63,8 @@ class DecAlign(nn.Module):
     causal_in_cross: apply `attn_mask` under cross-modal attention too. The
       reference silently ignores it there; `False` reproduces that.
     attention_kernel: 'xla', or 'cpu' for the fused CPU attention kernel of
-      `cpu_attention.py` in the cross-modal transformers.
+      `cpu_attention.py` in the cross-modal transformers; 'cpu' also draws
+      the model's other dropout masks with that library (the same masks).
     active_modalities: subset of ('text', 'audio', 'vision'); inactive ones
       contribute zeros to the fusion representation, and the alignment
       losses are 0 unless all three are active (as in the reference).
@@ -130,7 +134,8 @@ class DecAlign(nn.Module):
         text = jax.lax.stop_gradient(text)
       if self.use_sequence_mask:
         masks["l"] = attention.astype(text.dtype)
-    text = dropout_lib.Dropout(self.text_dropout)(text, det)
+    text = dropout_lib.Dropout(self.text_dropout,
+                               implementation=self.attention_kernel)(text, det)
     inputs = {"l": text, "a": audio, "v": vision}
     d = self.d_model
 
@@ -168,8 +173,8 @@ class DecAlign(nn.Module):
       pooled_c = {m: pooling.masked_mean(c[m], masks[m]) for m in active}
       z_common = {
           m: DistributionEncoder(self.pde_dim, self.output_dropout,
-                                 name=f"pde_{m}")(pooled_c[m],
-                                                  deterministic=det)
+                                 self.attention_kernel, name=f"pde_{m}")(
+                                     pooled_c[m], deterministic=det)
           for m in align.MODALITIES
       }
       homo_loss, homo_aux = align.homo_alignment(
@@ -204,7 +209,9 @@ class DecAlign(nn.Module):
     final_rep = jnp.concatenate(
         [h[m] for m in align.MODALITIES] +
         [c_avg[m] for m in align.MODALITIES], axis=-1)
-    out = dropout_lib.Dropout(self.output_dropout)(final_rep, det)
+    out = dropout_lib.Dropout(self.output_dropout,
+                              implementation=self.attention_kernel)(
+                                  final_rep, det)
     logits = tfm.torch_dense(self.num_outputs, 6 * d, "out_layer")(out)
     aux = {
         "losses": {"dec": dec_loss, "hete": hete_loss, "homo": homo_loss},

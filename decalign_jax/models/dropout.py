@@ -78,7 +78,7 @@ def random_bits16(key: jax.Array, shape) -> jax.Array:
   return halves.reshape(*lead, -1)[..., :n]
 
 
-def keep_mask(key: jax.Array, shape, rate: float
+def keep_mask(key: jax.Array, shape, rate: float, implementation: str = "xla"
               ) -> tuple[jax.Array | None, float]:
   """Which elements survive dropout, and their scale.
 
@@ -86,46 +86,66 @@ def keep_mask(key: jax.Array, shape, rate: float
     key: PRNG key (unused when nothing or everything is dropped).
     shape: the shape to mask.
     rate: dropout rate in [0, 1].
+    implementation: 'xla', or 'cpu' to draw a Threefry key's mask with the
+      CPU kernel library (`cpu_attention.keep_mask`: the same bits in one
+      pass, for a single CPU device; see `cpu_attention.resolve`).
 
   Returns:
     `(keep, scale)`: `keep` a bool array, or None when the rate rounds to
     keeping everything (scale 1); `scale` the inverse of the realised keep
     probability, 0 when everything is dropped.
   """
+  if implementation not in ("xla", "cpu"):
+    raise ValueError(f"dropout implementation={implementation!r}; expected "
+                     "'xla' or 'cpu'")
   threshold = keep_threshold(rate)
   if threshold == 2**_BITS:
     return None, 1.0
   if threshold == 0:
     return jnp.zeros(shape, bool), 0.0
-  keep = random_bits16(key, shape) < jnp.uint16(threshold)
+  words = _threefry_key_words(key)
+  if implementation == "cpu" and words is not None and len(shape) >= 1:
+    # Imported here: cpu_attention imports this module.
+    from decalign_jax.models import cpu_attention  # pylint: disable=g-import-not-at-top
+    keep = cpu_attention.keep_mask(jnp.stack(words), shape, threshold)
+  else:
+    keep = random_bits16(key, shape) < jnp.uint16(threshold)
   return keep, 2**_BITS / threshold
 
 
-def dropout(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
+def dropout(x: jax.Array, rate: float, key: jax.Array,
+            implementation: str = "xla") -> jax.Array:
   """Inverted dropout with 16-bit keep decisions (see the module docstring).
 
   Args:
     x: input.
     rate: dropout rate in [0, 1].
     key: PRNG key.
+    implementation: how the mask is drawn ('xla' or 'cpu', see `keep_mask`);
+      the mask is the same.
 
   Returns:
     `x * keep / P(keep)`, of `x`'s shape and dtype.
   """
-  keep, scale = keep_mask(key, x.shape, rate)
+  keep, scale = keep_mask(key, x.shape, rate, implementation)
   if keep is None:
     return x
   return jnp.where(keep, x * jnp.asarray(scale, x.dtype), jnp.zeros_like(x))
 
 
 class Dropout(nn.Module):
-  """`nn.Dropout`'s interface (`rate`, `deterministic`, 'dropout' rngs)."""
+  """`nn.Dropout`'s interface (`rate`, `deterministic`, 'dropout' rngs).
+
+  `implementation` ('xla' or 'cpu') only chooses how the mask is drawn.
+  """
 
   rate: float
   rng_collection: str = "dropout"
+  implementation: str = "xla"
 
   @nn.compact
   def __call__(self, x, deterministic: bool):
     if deterministic or self.rate == 0.0:
       return x
-    return dropout(x, self.rate, self.make_rng(self.rng_collection))
+    return dropout(x, self.rate, self.make_rng(self.rng_collection),
+                   self.implementation)

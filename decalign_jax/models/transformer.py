@@ -124,7 +124,7 @@ class TransformerEncoderLayer(nn.Module):
   attn_dropout: float = 0.0
   relu_dropout: float = 0.0
   res_dropout: float = 0.0
-  attention_kernel: str = "xla"
+  attention_kernel: str = "xla"  # 'cpu': the kernel, and its dropout masks
 
   @nn.compact
   def __call__(self, x, key, value, *, mask=None, deterministic=True):
@@ -134,11 +134,14 @@ class TransformerEncoderLayer(nn.Module):
                                      x, key, value, mask=mask,
                                      deterministic=deterministic)
     self.sow("intermediates", "attn_out", attn)
-    res_drop = dropout_lib.Dropout(self.res_dropout)
+    res_drop = dropout_lib.Dropout(self.res_dropout,
+                                   implementation=self.attention_kernel)
     x = x + res_drop(attn, deterministic)
     x = nn.LayerNorm(epsilon=1e-5, name="attn_layer_norm")(x)
     y = torch_dense(4 * d, d, "fc1")(x)
-    y = dropout_lib.Dropout(self.relu_dropout)(nn.relu(y), deterministic)
+    y = dropout_lib.Dropout(self.relu_dropout,
+                            implementation=self.attention_kernel)(
+                                nn.relu(y), deterministic)
     y = torch_dense(d, 4 * d, "fc2")(y)
     x = x + res_drop(y, deterministic)
     return nn.LayerNorm(epsilon=1e-5, name="final_layer_norm")(x)
@@ -163,7 +166,7 @@ class TransformerEncoder(nn.Module):
   embed_dropout: float = 0.0
   causal: bool = False
   causal_in_cross: bool = True
-  attention_kernel: str = "xla"
+  attention_kernel: str = "xla"  # 'cpu': the kernel, and its dropout masks
 
   @nn.compact
   def __call__(self, x, context: Sequence[jax.Array] = (), *,
@@ -180,7 +183,8 @@ class TransformerEncoder(nn.Module):
       `[B, T, D]`.
     """
     scale = math.sqrt(self.embed_dim)
-    drop = dropout_lib.Dropout(self.embed_dropout)
+    drop = dropout_lib.Dropout(self.embed_dropout,
+                               implementation=self.attention_kernel)
     x = drop(scale * x, deterministic)
     if context:
       ctx = scale * jnp.concatenate(list(context), axis=1)

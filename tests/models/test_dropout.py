@@ -1,5 +1,7 @@
 """16-bit dropout: unbiased, the right rate, deterministic, shard-local."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -105,3 +107,37 @@ def test_sharded_batch_gives_same_mask_without_collectives():
   hlo = f.lower(x).compile().as_text()
   for op in ("all-gather", "all-reduce", "all-to-all", "collective-permute"):
     assert op not in hlo, op
+
+
+@pytest.mark.parametrize("shape", [(32, 50, 256), (3, 100, 64), (5, 7),
+                                   (2, 3, 1), (9,), (4, 0)])
+@pytest.mark.parametrize("rate", [0.1, 0.5, 0.0, 1.0])
+def test_cpu_kernel_masks_are_the_xla_masks(shape, rate):
+  key = jax.random.key(11)
+  draw = lambda impl: jax.jit(  # noqa: E731
+      lambda k: dropout_lib.keep_mask(k, shape, rate, impl)[0])(key)
+  xla, cpu = draw("xla"), draw("cpu")
+  if rate == 0.0:
+    assert xla is None and cpu is None
+    return
+  assert cpu.dtype == jnp.bool_ and cpu.shape == shape
+  np.testing.assert_array_equal(cpu, xla)
+  if rate == 0.5 and math.prod(shape) > 1000:
+    assert 0.45 < float(jnp.mean(cpu)) < 0.55
+
+
+def test_cpu_kernel_dropout_module_and_gradient_equal_xla():
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 10, 24)),
+                  jnp.float32)
+
+  def run(impl):
+    layer = dropout_lib.Dropout(0.3, implementation=impl)
+    f = lambda x: jnp.sum(  # noqa: E731
+        layer.apply({}, x, False, rngs={"dropout": jax.random.key(2)}) ** 2)
+    return jax.jit(jax.value_and_grad(f))(x)
+
+  (v_c, g_c), (v_x, g_x) = run("cpu"), run("xla")
+  np.testing.assert_array_equal(g_c, g_x)
+  np.testing.assert_array_equal(v_c, v_x)
+  with pytest.raises(ValueError, match="implementation='gpu'"):
+    dropout_lib.keep_mask(jax.random.key(0), (3,), 0.5, "gpu")
