@@ -10,7 +10,7 @@ layer, which at batch 512 of the MOSI shape (~80 MB per array) is most of
 the attention's time (`benchmarks/README.md`). No library provides such a
 kernel for XLA:CPU (Pallas has no CPU backend), hence the C++. The same
 library draws `dropout.keep_mask`'s masks (`keep_mask` below) for the
-transformers' other dropouts when the kernel is selected.
+model's other dropouts when the kernel is selected.
 
 The kernel is compiled on first use with the host's C++ compiler
 (`$CXX`, else `c++`; `-O3 -march=native`) against the XLA FFI headers that
@@ -200,8 +200,10 @@ def keep_mask(words: jax.Array, shape, threshold: int) -> jax.Array:
     `bool[shape]`.
   """
   _register()
+  # Under vmap each key draws its own mask: one call per key.
   return jax.ffi.ffi_call(_FFI_NAME.format("keep"),
-                          jax.ShapeDtypeStruct(tuple(shape), jnp.bool_))(
+                          jax.ShapeDtypeStruct(tuple(shape), jnp.bool_),
+                          vmap_method="sequential")(
                               words.astype(jnp.uint32),
                               threshold=np.int64(threshold))
 

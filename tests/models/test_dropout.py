@@ -141,3 +141,12 @@ def test_cpu_kernel_dropout_module_and_gradient_equal_xla():
   np.testing.assert_array_equal(v_c, v_x)
   with pytest.raises(ValueError, match="implementation='gpu'"):
     dropout_lib.keep_mask(jax.random.key(0), (3,), 0.5, "gpu")
+
+
+def test_cpu_kernel_masks_under_vmap_follow_each_key():
+  keys = jax.random.split(jax.random.key(4), 3)
+  draw = lambda impl: jax.jit(jax.vmap(  # noqa: E731
+      lambda k: dropout_lib.keep_mask(k, (6, 40), 0.5, impl)[0]))(keys)
+  cpu = draw("cpu")
+  np.testing.assert_array_equal(cpu, draw("xla"))
+  assert not np.array_equal(cpu[0], cpu[1])
