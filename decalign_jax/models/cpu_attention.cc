@@ -128,6 +128,16 @@ inline void threefry16(uint32_t k1, uint32_t k2, const uint32_t* hi,
   }
 }
 
+// The four 16-bit draws of a vector of hashes against a keep threshold:
+// kept[t] lane i is -1 where draw t of hash i (the low, then high 16 bits
+// of y1, then of y2) is below it, else 0.
+inline void draws_below(VU y1, VU y2, VU threshold, VI* kept) {
+  kept[0] = (y1 & 0xFFFFu) < threshold;
+  kept[1] = (y1 >> 16) < threshold;
+  kept[2] = (y2 & 0xFFFFu) < threshold;
+  kept[3] = (y2 >> 16) < threshold;
+}
+
 // Runs fn(begin, end) over chunks of [0, n) on the calling thread and on
 // up to num_threads() pool tasks. The caller never waits on a chunk nobody
 // has claimed, so a busy pool cannot deadlock it; late tasks find no work.
@@ -381,10 +391,10 @@ __attribute__((noinline)) void rows_keep(uint32_t k1, uint32_t k2,
     threefry16<NR>(k1, k2, hi, lo, y1, y2);
     for (int r = 0; r < NR; ++r) {
       // Lane i of d_t: draw t of hash 16h + i.
-      const VF d0 = (y1[r] & 0xFFFFu) < th ? on : off;
-      const VF d1 = (y1[r] >> 16) < th ? on : off;
-      const VF d2 = (y2[r] & 0xFFFFu) < th ? on : off;
-      const VF d3 = (y2[r] >> 16) < th ? on : off;
+      VI kept[4];
+      draws_below(y1[r], y2[r], th, kept);
+      const VF d0 = kept[0] ? on : off, d1 = kept[1] ? on : off;
+      const VF d2 = kept[2] ? on : off, d3 = kept[3] ? on : off;
       // Interleave to keys 64h .. 64h + 63: (d0[i], d1[i], d2[i], d3[i]).
       const VF lo01 = __builtin_shufflevector(d0, d1, 0, 16, 1, 17, 2, 18, 3,
                                               19, 4, 20, 5, 21, 6, 22, 7, 23);
@@ -698,8 +708,8 @@ ffi::Error DropoutKeep(ffi::ThreadPool pool, ffi::Buffer<ffi::U32> key,
       VU y1[NV], y2[NV];
       threefry16<NV>(k1, k2, hi, lo, y1, y2);
       for (int v = 0; v < NV && blk * NV + v < nv; ++v) {
-        const VI d[4] = {(y1[v] & 0xFFFFu) < th, (y1[v] >> 16) < th,
-                         (y2[v] & 0xFFFFu) < th, (y2[v] >> 16) < th};
+        VI d[4];
+        draws_below(y1[v], y2[v], th, d);
         bool bytes[4 * L];
         for (int i = 0; i < L; ++i)
           for (int t = 0; t < 4; ++t) bytes[4 * i + t] = d[t][i] != 0;
