@@ -104,8 +104,9 @@ def dense_conv_general_dilated(lhs, rhs, window_strides, padding,
   inputs (the reference's `Conv1d(kernel_size=1)` input projections) is a
   dense layer: it goes through `linear`, whose weight gradient is a plain
   product, where XLA:CPU computes the convolution's weight gradient as a
-  50-wide convolution behind a transpose of the whole input (2 ms a step at
-  batch 32 for the 768-d text). Anything else is `lax.conv_general_dilated`.
+  50-wide convolution behind a transpose of the whole input (about 2 ms of
+  thread time a step at batch 32 for the 768-d text). Anything else is
+  `lax.conv_general_dilated`.
 
   Args:
     lhs: input `[B, T, C_in]`.
