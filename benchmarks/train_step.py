@@ -148,7 +148,8 @@ def text_backbone_config(layers: int, hidden: int) -> dict:
 
 def build(batch_size: int, ot_mode: str = "ott", seed: int = 0,
           config=None, text_backbone: dict | None = None,
-          num_layers: int | None = None, attention_kernel: str | None = None):
+          num_layers: int | None = None, attention_kernel: str | None = None,
+          pack_state: bool | None = None):
   """The MOSI task, train state, device batch and jitted steps.
 
   Args:
@@ -160,9 +161,11 @@ def build(batch_size: int, ot_mode: str = "ott", seed: int = 0,
       encoder (random weights) on `[B, 3, T]` token ids.
     num_layers: layers per cross-modal transformer (default: the config's).
     attention_kernel: `model.attention_kernel` (default: the config's).
+    pack_state: `config.pack_state` (default: the config's).
 
   Returns:
-    dict with `config, task, state, batch, train_fn, eval_fn, n_params`.
+    dict with `config, task, state, carry, batch, fns, train_fn, eval_fn,
+    packed, n_params`; `train_fn` steps `carry`.
   """
   jax.config.update("jax_threefry_partitionable", True)
   config = config if config is not None else mosi.get_config()
@@ -172,6 +175,8 @@ def build(batch_size: int, ot_mode: str = "ott", seed: int = 0,
     config.model.num_layers = num_layers
   if attention_kernel is not None:
     config.model.attention_kernel = attention_kernel
+  if pack_state is not None:
+    config.pack_state = pack_state
   mc = config.model
   dims = tuple(mc.feature_dims)
   vocab = 0
@@ -194,9 +199,12 @@ def build(batch_size: int, ot_mode: str = "ott", seed: int = 0,
   n_params = sum(int(np.prod(x.shape))
                  for x in jax.tree.leaves(state.params))
   batch = sharding.put_batch(task.example_batch, data_sharding)
-  train_fn, eval_fn = train.make_step_fns(task, tx, state_sharding, mesh)
-  return dict(config=config, task=task, state=state, batch=batch,
-              train_fn=train_fn, eval_fn=eval_fn, n_params=n_params)
+  packing = train.state_packing(config, state, state_sharding)
+  fns = train.make_step_fns(task, tx, state_sharding, mesh, packing=packing)
+  # `carry` is what train_fn steps (the packed state, as in train.py).
+  return dict(config=config, task=task, state=state, carry=fns.pack(state),
+              batch=batch, fns=fns, train_fn=fns.train, eval_fn=fns.eval,
+              packed=packing is not None, n_params=n_params)
 
 
 def main(argv=None):
@@ -225,6 +233,9 @@ def main(argv=None):
   p.add_argument("--attention-kernel", choices=("auto", "cpu", "xla"),
                  default=None,
                  help="model.attention_kernel (default: the config's)")
+  p.add_argument("--no-pack-state", action="store_true",
+                 help="carry the train state as a tree of 792 arrays "
+                 "instead of packed (config.pack_state=False)")
   p.add_argument("--reference-python", default=None,
                  help="a Python with PyTorch and the reference's "
                  "requirements: after timing ours, run "
@@ -250,8 +261,10 @@ def main(argv=None):
               if args.text_layers else None)
   b = build(args.batch, args.ot_mode, args.seed, text_backbone=backbone,
             num_layers=args.num_layers,
-            attention_kernel=args.attention_kernel)
-  config, state, batch = b["config"], b["state"], b["batch"]
+            attention_kernel=args.attention_kernel,
+            pack_state=False if args.no_pack_state else None)
+  config, state, batch = b["config"], b["carry"], b["batch"]
+  del b["state"]  # the carry holds the same values
   train_fn, eval_fn, n_params = b["train_fn"], b["eval_fn"], b["n_params"]
   mc = config.model
   dims = tuple(mc.feature_dims)
@@ -290,7 +303,7 @@ def main(argv=None):
   cache_size = train_fn._cache_size()  # pylint: disable=protected-access
   med, p10, p90 = percentiles(times)
 
-  params = state.params
+  params = b["fns"].unpack(state).params
   t = time.perf_counter()
   jax.block_until_ready(eval_fn(params, batch))
   eval_compile_s = time.perf_counter() - t
@@ -312,6 +325,7 @@ def main(argv=None):
       "ot_mode": args.ot_mode,
       "num_layers": mc.num_layers,
       "attention_kernel": cpu_attention.resolve(mc.attention_kernel),
+      "packed_state": b["packed"],
       "text_backbone": (None if backbone is None else {
           k: backbone[k] for k in ("num_hidden_layers", "hidden_size")}),
       "dtype": args.dtype,

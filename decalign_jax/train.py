@@ -14,7 +14,7 @@ import math
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 from absl import app
 from absl import flags
@@ -30,6 +30,7 @@ import tqdm
 from decalign_jax import checkpoint
 from decalign_jax import metrics as metrics_lib
 from decalign_jax import optim
+from decalign_jax import packing as packing_lib
 from decalign_jax import runtime
 from decalign_jax import sharding
 from decalign_jax import steps
@@ -119,10 +120,29 @@ def init_sharded_state(task: base.Task, config: ml_collections.ConfigDict,
   return state, state_sharding
 
 
-def make_step_fns(task: base.Task, tx, state_sharding, mesh):
+class StepFns(NamedTuple):
+  """The jitted steps of a run.
+
+  `train` carries `pack(state)` from step to step (a `packing` view of the
+  state when the run packs it, else the state itself); `unpack` gives the
+  `TrainState` back for evaluation, the plateau scheduler and checkpoints.
+  """
+  train: Callable[[Any, dict], tuple[Any, dict]]
+  eval: Callable[[Any, dict], tuple[jax.Array, jax.Array, jax.Array]]
+  pack: Callable[[steps.TrainState], Any]
+  unpack: Callable[[Any], steps.TrainState]
+
+
+def _identity(x):
+  return x
+
+
+def make_step_fns(task: base.Task, tx, state_sharding, mesh, *,
+                  packing: packing_lib.StatePacking | None = None
+                  ) -> StepFns:
   """The jitted train and eval steps over `mesh` (also used by benchmarks/).
 
-  The train step donates the state and keeps its sharding; batches are split
+  The train step donates its carry and keeps its sharding; batches are split
   over the data axes; outputs (measurements, predictions) are replicated.
 
   Args:
@@ -130,21 +150,47 @@ def make_step_fns(task: base.Task, tx, state_sharding, mesh):
     tx: the optax optimizer.
     state_sharding: `TrainState` of shardings (`sharding.state_shardings`).
     mesh: the device mesh.
+    packing: carry the state packed (`state_packing`); only for a
+      replicated state.
 
   Returns:
-    `(train_fn(state, batch) -> (state, measurements),
-      eval_fn(params, batch) -> (preds, labels, mask))`.
+    `StepFns`.
   """
   data_sharding = sharding.data_sharding(mesh)
   repl = sharding.replicated(mesh)
-  train_fn = jax.jit(
-      functools.partial(steps.train_step, loss_fn=task.loss_fn, tx=tx),
-      in_shardings=(state_sharding, data_sharding),
-      out_shardings=(state_sharding, repl), donate_argnums=(0,))
+  step = functools.partial(steps.train_step, loss_fn=task.loss_fn, tx=tx)
+  if packing is None:
+    train_fn = jax.jit(step, in_shardings=(state_sharding, data_sharding),
+                       out_shardings=(state_sharding, repl),
+                       donate_argnums=(0,))
+    pack_fn = unpack_fn = _identity
+  else:
+    def packed_step(carry, batch):
+      state, measurements = step(packing.unpack(carry), batch)
+      return packing.pack(state), measurements
+
+    train_fn = jax.jit(packed_step, in_shardings=(repl, data_sharding),
+                       out_shardings=(repl, repl), donate_argnums=(0,))
+    pack_fn = jax.jit(packing.pack, out_shardings=repl)
+    unpack_fn = jax.jit(packing.unpack, out_shardings=state_sharding)
   eval_fn = jax.jit(
       functools.partial(steps.eval_step, predict_fn=task.predict_fn),
       in_shardings=(state_sharding.params, data_sharding), out_shardings=repl)
-  return train_fn, eval_fn
+  return StepFns(train_fn, eval_fn, pack_fn, unpack_fn)
+
+
+def state_packing(config: ml_collections.ConfigDict, state, state_sharding
+                  ) -> packing_lib.StatePacking | None:
+  """The packing of the train loop's state, or None to carry the tree.
+
+  Packs when `config.pack_state` is on and every state leaf is replicated
+  (an FSDP-sharded leaf keeps its own layout).
+  """
+  if not config.pack_state:
+    return None
+  if not all(s.is_fully_replicated for s in jax.tree.leaves(state_sharding)):
+    return None
+  return packing_lib.StatePacking.of(state)
 
 
 def run_one(config: ml_collections.ConfigDict, workdir: str, *,
@@ -193,7 +239,8 @@ def run_one(config: ml_collections.ConfigDict, workdir: str, *,
     state, meta = checkpoint.restore(latest, state)
     log.info("Resumed from %s at epoch %d", workdir, meta["epoch"])
 
-  train_fn, eval_fn = make_step_fns(task, tx, state_sharding, mesh)
+  fns = make_step_fns(task, tx, state_sharding, mesh,
+                      packing=state_packing(config, state, state_sharding))
   plateau_fn = jax.jit(functools.partial(steps.plateau_update,
                                          plateau=plateau),
                        donate_argnums=(0,))
@@ -201,7 +248,7 @@ def run_one(config: ml_collections.ConfigDict, workdir: str, *,
 
   def evaluate(params, split):
     preds, labels, masks = _predict_all(
-        eval_fn, params, task.eval_batches[split](), data_sharding)
+        fns.eval, params, task.eval_batches[split](), data_sharding)
     return task.evaluate(split, preds, labels, masks)
 
   if mode == "train":
@@ -217,12 +264,15 @@ def run_one(config: ml_collections.ConfigDict, workdir: str, *,
           meta["best_score"] is not None):
         break
       t0 = time.time()
+      # The steps carry the packed state; the tree is rebuilt at the end of
+      # the epoch (dropping `state` meanwhile keeps one copy alive).
+      carry, state = fns.pack(state), None
       for batch in task.train_batches(epoch):
         batch = sharding.put_batch(batch, data_sharding)
         # Everything the step needs is on device: an implicit transfer here
         # would be a hidden host round trip per step.
         with jax.transfer_guard("disallow"):
-          state, measurements = train_fn(state, batch)
+          carry, measurements = fns.train(carry, batch)
         step += 1  # a host counter: reading state.step would sync
         bar.update(1)
         if step % config.log_training_steps == 0:
@@ -233,6 +283,7 @@ def run_one(config: ml_collections.ConfigDict, workdir: str, *,
                 f"non-finite training measurements at step {step}: {m}")
           writer.write({"step": step, "epoch": epoch, "split": "train", **m})
           bar.set_postfix(loss=f"{m['loss']:.4f}")
+      state, carry = fns.unpack(carry), None
       valid = evaluate(state.params, "valid")
       score = valid[sel_name]
       state = plateau_fn(state, jnp.asarray(

@@ -29,6 +29,7 @@ def test_train_step_benchmark_json(extra, backbone):
   assert r["jit_cache_entries"] == 1  # one compile for every step
   assert r["num_layers"] == 1
   assert r["attention_kernel"] == "cpu"  # 'auto' on one CPU device
+  assert r["packed_state"] is True  # the train loop's carry, as in train.py
   assert r["all_losses_finite"]
   assert r["runtime"] == {"retain_host_memory": True,
                           "unrolled_cpu_threefry": True}
