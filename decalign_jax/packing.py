@@ -12,7 +12,10 @@ Python thread spends 3.1 ms a step and the step takes 85.8 instead of
 90.4 ms (one interleaved A/B, `benchmarks/README.md`). The numbers are the
 tree step's to float32 rounding (`tests/test_packing.py`).
 
-PRNG keys are packed as their uint32 key data (a typed key in the carry
+`jax.flatten_util.ravel_pytree` does not fit: it casts every leaf to one
+result dtype (int32 counters and uint32 key words would become float32,
+which does not hold them exactly) and takes no key arrays; hence one buffer
+per dtype here. PRNG keys are packed as their uint32 key data (a typed key in the carry
 would be rebuilt by Python code on every step); other leaves that cannot be
 concatenated travel as they are. Packing is for replicated states: sharded
 (FSDP) leaves keep their own layouts, so `train.py` packs only when every
