@@ -27,7 +27,8 @@ def base_config() -> ml_collections.ConfigDict:
   # with strategy "replicate" or "fsdp" (needs an "fsdp" mesh axis).
   c.sharding_rules = [(".*", "replicate")]
   # Carry a replicated train state between steps as one flat buffer per
-  # dtype (decalign_jax/packing.py): same numbers, less per-step host work.
+  # dtype (decalign_jax/packing.py): same numbers, less per-step host work,
+  # about one more copy of the state in the step's temporaries.
   c.pack_state = True
   # A reference PyTorch checkpoint (.pth or .npz state_dict) to start from.
   c.init_from = ""
