@@ -6,7 +6,8 @@ r"""Training-step and eval-forward throughput of DecAlign on MOSI shapes.
 Builds `configs/mosi.py` (d_model 64, 8 heads, 5 layers, 7 prototypes,
 T = 50, feature dims 768/5/20), a synthetic in-memory split, the task from
 `tasks.sentiment.make_task`, and the train step jitted exactly as `train.py`
-does (state donated, shardings over the config's mesh). The same batch is
+does (state donated and, by default, packed into one buffer per dtype;
+shardings over the config's mesh). The same batch is
 reused every step, as in the reference PyTorch bench, and each step is timed
 to completion (`block_until_ready` on the measurements, as its `loss.item()`).
 
