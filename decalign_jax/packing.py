@@ -74,6 +74,8 @@ class StatePacking:
       "rest").
     key_impls: per leaf, the PRNG implementation of a key leaf (stored as
       its key data), else None.
+    stored_shapes: per leaf, the shape it has in the packed state (a key
+      leaf's key-data shape).
   """
 
   treedef: Any
@@ -82,17 +84,19 @@ class StatePacking:
   groups: tuple[str | None, ...]
   offsets: tuple[int, ...]
   key_impls: tuple[Any, ...]
+  stored_shapes: tuple[tuple[int, ...], ...]
 
   @classmethod
   def of(cls, tree: Any) -> "StatePacking":
     """The packing of `tree` (arrays or `jax.ShapeDtypeStruct`s)."""
     leaves, treedef = jax.tree.flatten(tree)
-    groups, offsets, impls, used, rest = [], [], [], {}, 0
+    groups, offsets, impls, stored, used, rest = [], [], [], [], {}, 0
     for leaf in leaves:
       shape, dtype, impl = _stored(leaf)
       g = _group(dtype)
       groups.append(g)
       impls.append(impl)
+      stored.append(shape)
       if g is None:
         offsets.append(rest)
         rest += 1
@@ -101,11 +105,7 @@ class StatePacking:
         used[g] = used.get(g, 0) + int(np.prod(shape, dtype=np.int64))
     return cls(treedef, tuple(tuple(x.shape) for x in leaves),
                tuple(x.dtype for x in leaves), tuple(groups), tuple(offsets),
-               tuple(impls))
-
-  @property
-  def num_leaves(self) -> int:
-    return len(self.shapes)
+               tuple(impls), tuple(stored))
 
   def pack(self, tree: Any) -> Packed:
     """Concatenates the leaves of each dtype (jit-compatible).
@@ -148,11 +148,8 @@ class StatePacking:
   def unpack(self, packed: Packed) -> Any:
     """The state again: static slices of the flat buffers (jit-compatible)."""
     leaves = []
-    for shape, dtype, g, off, impl in zip(self.shapes, self.dtypes,
-                                          self.groups, self.offsets,
-                                          self.key_impls):
-      if impl is not None:
-        shape = _stored(jax.ShapeDtypeStruct(shape, dtype))[0]
+    for shape, g, off, impl in zip(self.stored_shapes, self.groups,
+                                   self.offsets, self.key_impls):
       if g is None:
         leaf = packed["rest"][off]
       else:
