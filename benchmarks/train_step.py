@@ -150,7 +150,7 @@ def text_backbone_config(layers: int, hidden: int) -> dict:
 def build(batch_size: int, ot_mode: str = "ott", seed: int = 0,
           config=None, text_backbone: dict | None = None,
           num_layers: int | None = None, attention_kernel: str | None = None,
-          pack_state: bool | None = None):
+          pack_state: bool | None = None, ynn_reductions: bool | None = None):
   """The MOSI task, train state, device batch and jitted steps.
 
   Args:
@@ -163,6 +163,7 @@ def build(batch_size: int, ot_mode: str = "ott", seed: int = 0,
     num_layers: layers per cross-modal transformer (default: the config's).
     attention_kernel: `model.attention_kernel` (default: the config's).
     pack_state: `config.pack_state` (default: the config's).
+    ynn_reductions: `config.runtime.ynn_reductions` (default: the config's).
 
   Returns:
     dict with `config, task, state, carry, batch, fns, train_fn, eval_fn,
@@ -178,6 +179,8 @@ def build(batch_size: int, ot_mode: str = "ott", seed: int = 0,
     config.model.attention_kernel = attention_kernel
   if pack_state is not None:
     config.pack_state = pack_state
+  if ynn_reductions is not None:
+    config.runtime.ynn_reductions = ynn_reductions
   mc = config.model
   dims = tuple(mc.feature_dims)
   vocab = 0
@@ -201,7 +204,10 @@ def build(batch_size: int, ot_mode: str = "ott", seed: int = 0,
                  for x in jax.tree.leaves(state.params))
   batch = sharding.put_batch(task.example_batch, data_sharding)
   packing = train.state_packing(config, state, state_sharding)
-  fns = train.make_step_fns(task, tx, state_sharding, mesh, packing=packing)
+  fns = train.make_step_fns(
+      task, tx, state_sharding, mesh, packing=packing,
+      compiler_options=runtime.compiler_options(config.runtime,
+                                                mesh.devices.flat))
   # `carry` is what train_fn steps (the packed state, as in train.py).
   return dict(config=config, task=task, state=state, carry=fns.pack(state),
               batch=batch, fns=fns, train_fn=fns.train, eval_fn=fns.eval,
@@ -237,6 +243,9 @@ def main(argv=None):
   p.add_argument("--no-pack-state", action="store_true",
                  help="carry the train state as a tree of 792 arrays "
                  "instead of packed (config.pack_state=False)")
+  p.add_argument("--ynn-reductions", action="store_true",
+                 help="let XLA:CPU give reductions to YNNPACK, its default "
+                 "(config.runtime.ynn_reductions=True)")
   p.add_argument("--reference-python", default=None,
                  help="a Python with PyTorch and the reference's "
                  "requirements: after timing ours, run "
@@ -263,7 +272,8 @@ def main(argv=None):
   b = build(args.batch, args.ot_mode, args.seed, text_backbone=backbone,
             num_layers=args.num_layers,
             attention_kernel=args.attention_kernel,
-            pack_state=False if args.no_pack_state else None)
+            pack_state=False if args.no_pack_state else None,
+            ynn_reductions=True if args.ynn_reductions else None)
   config, state, batch = b["config"], b["carry"], b["batch"]
   del b["state"]  # the carry holds the same values
   train_fn, eval_fn, n_params = b["train_fn"], b["eval_fn"], b["n_params"]
@@ -279,6 +289,7 @@ def main(argv=None):
   compiled = lowered.compile()
   t2 = time.perf_counter()
   xla_flops = cost_flops(compiled)
+  ynn_roots = runtime.ynn_fusion_roots(compiled.as_text())
 
   # Time the jitted function itself (the path train.py uses). jax reuses the
   # executable compiled above, so first_call_s is one step plus first-touch
@@ -327,6 +338,10 @@ def main(argv=None):
       "num_layers": mc.num_layers,
       "attention_kernel": cpu_attention.resolve(mc.attention_kernel),
       "packed_state": b["packed"],
+      "ynn_reductions": bool(config.runtime.ynn_reductions),
+      # YNNPACK calls in the compiled step, by root op ("reduce": 0 when
+      # reductions run as XLA loops).
+      "ynn_fusions": dict(ynn_roots),
       "text_backbone": (None if backbone is None else {
           k: backbone[k] for k in ("num_hidden_layers", "hidden_size")}),
       "dtype": args.dtype,

@@ -32,10 +32,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.pack_state = True
   # A reference PyTorch checkpoint (.pth or .npz state_dict) to start from.
   c.init_from = ""
-  # Process-wide XLA:CPU speed-ups applied by train.py before JAX starts
-  # (see decalign_jax/runtime.py); neither changes any number.
+  # XLA:CPU speed-ups (see decalign_jax/runtime.py): two process-wide
+  # switches applied by train.py before JAX starts, and a compile option of
+  # the jitted steps (ynn_reductions=False: reductions as XLA loops, not
+  # YNNPACK calls). None changes a number beyond float summation order.
   c.runtime = ml_collections.ConfigDict(dict(
-      retain_host_memory=True, unrolled_cpu_threefry=True))
+      retain_host_memory=True, unrolled_cpu_threefry=True,
+      ynn_reductions=False))
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "mmsa"  # "mmsa" (a pickle at data.path) or "synthetic"

@@ -138,7 +138,8 @@ def _identity(x):
 
 
 def make_step_fns(task: base.Task, tx, state_sharding, mesh, *,
-                  packing: packing_lib.StatePacking | None = None
+                  packing: packing_lib.StatePacking | None = None,
+                  compiler_options: dict[str, Any] | None = None
                   ) -> StepFns:
   """The jitted train and eval steps over `mesh` (also used by benchmarks/).
 
@@ -152,6 +153,8 @@ def make_step_fns(task: base.Task, tx, state_sharding, mesh, *,
     mesh: the device mesh.
     packing: carry the state packed (`state_packing`); only for a
       replicated state.
+    compiler_options: XLA options of the train and eval steps
+      (`runtime.compiler_options`).
 
   Returns:
     `StepFns`.
@@ -162,7 +165,7 @@ def make_step_fns(task: base.Task, tx, state_sharding, mesh, *,
   if packing is None:
     train_fn = jax.jit(step, in_shardings=(state_sharding, data_sharding),
                        out_shardings=(state_sharding, repl),
-                       donate_argnums=(0,))
+                       donate_argnums=(0,), compiler_options=compiler_options)
     pack_fn = unpack_fn = _identity
   else:
     def packed_step(carry, batch):
@@ -170,12 +173,14 @@ def make_step_fns(task: base.Task, tx, state_sharding, mesh, *,
       return packing.pack(state), measurements
 
     train_fn = jax.jit(packed_step, in_shardings=(repl, data_sharding),
-                       out_shardings=(repl, repl), donate_argnums=(0,))
+                       out_shardings=(repl, repl), donate_argnums=(0,),
+                       compiler_options=compiler_options)
     pack_fn = jax.jit(packing.pack, out_shardings=repl)
     unpack_fn = jax.jit(packing.unpack, out_shardings=state_sharding)
   eval_fn = jax.jit(
       functools.partial(steps.eval_step, predict_fn=task.predict_fn),
-      in_shardings=(state_sharding.params, data_sharding), out_shardings=repl)
+      in_shardings=(state_sharding.params, data_sharding), out_shardings=repl,
+      compiler_options=compiler_options)
   return StepFns(train_fn, eval_fn, pack_fn, unpack_fn)
 
 
@@ -239,8 +244,11 @@ def run_one(config: ml_collections.ConfigDict, workdir: str, *,
     state, meta = checkpoint.restore(latest, state)
     log.info("Resumed from %s at epoch %d", workdir, meta["epoch"])
 
-  fns = make_step_fns(task, tx, state_sharding, mesh,
-                      packing=state_packing(config, state, state_sharding))
+  fns = make_step_fns(
+      task, tx, state_sharding, mesh,
+      packing=state_packing(config, state, state_sharding),
+      compiler_options=runtime.compiler_options(config.runtime,
+                                                mesh.devices.flat))
   plateau_fn = jax.jit(functools.partial(steps.plateau_update,
                                          plateau=plateau),
                        donate_argnums=(0,))

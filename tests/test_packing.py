@@ -10,6 +10,7 @@ import pytest
 
 from decalign_jax import optim
 from decalign_jax import packing
+from decalign_jax import runtime
 from decalign_jax import sharding
 from decalign_jax import train
 
@@ -83,17 +84,28 @@ def tiny_run():
 
 
 def test_packed_steps_equal_tree_steps(tiny_run):
+  """Also: the packed run compiles as train.py does (`config.runtime`'s
+  compile options: reductions as XLA loops), the tree run with XLA:CPU's
+  defaults; the numbers agree to float32 rounding."""
   config, task, mesh, tx, _, state, state_sharding, batches = tiny_run
   spec = train.state_packing(config, state, state_sharding)
   assert spec is not None and len(spec.shapes) == len(jax.tree.leaves(state))
+  opts = runtime.compiler_options(config.runtime, mesh.devices.flat)
+  assert opts  # config_defaults: ynn_reductions=False, and these are CPUs
   runs = {}
-  for name, p in (("tree", None), ("packed", spec)):
-    fns = train.make_step_fns(task, tx, state_sharding, mesh, packing=p)
+  for name, p, o in (("tree", None, None), ("packed", spec, opts)):
+    fns = train.make_step_fns(task, tx, state_sharding, mesh, packing=p,
+                              compiler_options=o)
     # The step works on a copy: both runs start from the same state.
     carry = fns.pack(jax.tree.map(jnp.copy, state))
     if p is not None:
       # Three buffers (float32, int32, uint32) instead of the state's leaves.
       assert len(jax.tree.leaves(carry)) == 3
+    roots = runtime.ynn_fusion_roots(
+        fns.train.lower(carry, batches[0]).compile().as_text())
+    assert roots["dot"] > 0
+    if o is not None:
+      assert roots["reduce"] == 0, roots
     history = []
     for batch in batches:
       carry, measurements = fns.train(carry, batch)

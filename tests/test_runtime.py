@@ -5,7 +5,11 @@ import os
 import subprocess
 import sys
 import textwrap
+import types
 
+import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -101,3 +105,29 @@ def test_retain_host_memory_stops_per_step_page_faults():
   assert min(default["faults"]) > 8000, default
   assert max(retained["faults"]) < 0.1 * min(default["faults"]), (
       default, retained)
+
+
+def test_compiler_options_take_reductions_off_ynnpack():
+  off = ml_collections.ConfigDict(dict(ynn_reductions=False))
+  cpus = jax.devices("cpu")
+  opts = runtime.compiler_options(off, cpus)
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((256, 64)),
+                  jnp.float32)
+
+  def f(x):
+    return jnp.sum(x * x, axis=0), x @ x.T
+
+  def roots(jitted):
+    return runtime.ynn_fusion_roots(jitted.lower(x).compile().as_text())
+
+  default = roots(jax.jit(f))
+  assert default["reduce"] >= 1 and default["dot"] == 1  # XLA:CPU's default
+  jitted = jax.jit(f, compiler_options=opts)
+  assert roots(jitted) == {"dot": 1}
+  for got, want in zip(jitted(x), jax.jit(f)(x)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+  # On: XLA's default. Another backend: no XLA:CPU option at all.
+  on = ml_collections.ConfigDict(dict(ynn_reductions=True))
+  assert runtime.compiler_options(on, cpus) == {}
+  assert runtime.compiler_options(
+      off, [types.SimpleNamespace(platform="gpu")]) == {}

@@ -140,9 +140,8 @@ class DecAlign(nn.Module):
     d = self.d_model
 
     proj, s, c = {}, {}, {}
-    encoder_com = nn.Dense(d, use_bias=False, name="encoder_com",
-                           kernel_init=tfm.torch_default_kernel_init,
-                           dot_general=dots.dense_dot_general)
+    encoder_com = dots.Dense(d, use_bias=False, name="encoder_com",
+                             kernel_init=tfm.torch_default_kernel_init)
     for i, m in enumerate(align.MODALITIES):
       x = inputs[m]
       if self.feature_dims[i] != d:
@@ -155,9 +154,8 @@ class DecAlign(nn.Module):
         masks[m] = masks[m][:, :x.shape[1]]
         x = x * masks[m][..., None]
       proj[m] = x
-      s[m] = nn.Dense(d, use_bias=False, name=f"encoder_uni_{m}",
-                      kernel_init=tfm.torch_default_kernel_init,
-                      dot_general=dots.dense_dot_general)(x)
+      s[m] = dots.Dense(d, use_bias=False, name=f"encoder_uni_{m}",
+                        kernel_init=tfm.torch_default_kernel_init)(x)
       c[m] = encoder_com(x)
       self.sow("intermediates", f"projected_{m}", x)
 

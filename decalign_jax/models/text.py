@@ -164,10 +164,9 @@ class _SelfAttention(_BertPart):
     c = self.config
     h = c.num_attention_heads
     hd = c.hidden_size // h
-    dense = lambda name: nn.Dense(  # noqa: E731
+    dense = lambda name: dots.Dense(  # noqa: E731
         c.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
-        kernel_init=nn.initializers.normal(c.initializer_range),
-        dot_general=dots.dense_dot_general, name=name)
+        kernel_init=nn.initializers.normal(c.initializer_range), name=name)
     split = lambda y: y.reshape(*y.shape[:2], h, hd)  # noqa: E731
     q, k, v = (split(dense(n)(x)) for n in ("query", "key", "value"))
     logits = jnp.einsum("bqhc,bkhc->bhqk", q, k) / math.sqrt(hd)
@@ -187,9 +186,10 @@ class _DenseLayerNorm(_BertPart):
   @nn.compact
   def __call__(self, y, x, *, train):
     c = self.config
-    y = nn.Dense(c.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
-                 kernel_init=nn.initializers.normal(c.initializer_range),
-                 dot_general=dots.dense_dot_general, name="dense")(y)
+    y = dots.Dense(c.hidden_size, dtype=self.dtype,
+                   param_dtype=self.param_dtype,
+                   kernel_init=nn.initializers.normal(c.initializer_range),
+                   name="dense")(y)
     y = dropout_lib.Dropout(c.hidden_dropout_prob)(y, deterministic=not train)
     return nn.LayerNorm(epsilon=c.layer_norm_eps, dtype=self.dtype,
                         param_dtype=self.param_dtype, name="LayerNorm")(x + y)
@@ -211,10 +211,10 @@ class _Intermediate(_BertPart):
   @nn.compact
   def __call__(self, x):
     c = self.config
-    y = nn.Dense(c.intermediate_size, dtype=self.dtype,
-                 param_dtype=self.param_dtype,
-                 kernel_init=nn.initializers.normal(c.initializer_range),
-                 dot_general=dots.dense_dot_general, name="dense")(x)
+    y = dots.Dense(c.intermediate_size, dtype=self.dtype,
+                   param_dtype=self.param_dtype,
+                   kernel_init=nn.initializers.normal(c.initializer_range),
+                   name="dense")(x)
     return _ACTIVATIONS[c.hidden_act](y)
 
 

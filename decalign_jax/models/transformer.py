@@ -36,11 +36,10 @@ def torch_default_bias_init(fan_in: int) -> nn.initializers.Initializer:
   return init
 
 
-def torch_dense(features: int, fan_in: int, name: str, **kw) -> nn.Dense:
-  return nn.Dense(
+def torch_dense(features: int, fan_in: int, name: str, **kw) -> dots.Dense:
+  return dots.Dense(
       features, kernel_init=torch_default_kernel_init,
-      bias_init=torch_default_bias_init(fan_in), name=name,
-      dot_general=dots.dense_dot_general, **kw)
+      bias_init=torch_default_bias_init(fan_in), name=name, **kw)
 
 
 def causal_mask(query_len: int, segment_lens: Sequence[int]) -> jax.Array:
@@ -94,9 +93,9 @@ class MultiheadAttention(nn.Module):
       raise ValueError(f"model.d_model={d} is not divisible by "
                        f"model.num_heads={h}")
     hd = d // h
-    proj = lambda name: nn.Dense(  # noqa: E731
+    proj = lambda name: dots.Dense(  # noqa: E731
         d, kernel_init=packed_xavier_init, bias_init=nn.initializers.zeros,
-        dot_general=dots.dense_dot_general, name=name)
+        name=name)
     # [B, T, H, hd]: the attention core picks its layout (the XLA path
     # goes heads-first, 3x faster at batch 512; the kernel reads this one).
     split = lambda x: x.reshape(*x.shape[:2], h, hd)  # noqa: E731
@@ -110,9 +109,8 @@ class MultiheadAttention(nn.Module):
         implementation=self.attention_kernel, heads_last=True)
     self.sow("intermediates", "attn_weights", weights)
     out = out.reshape(query.shape)
-    out = nn.Dense(d, kernel_init=torch_default_kernel_init,
-                   bias_init=nn.initializers.zeros,
-                   dot_general=dots.dense_dot_general, name="out_proj")(out)
+    out = dots.Dense(d, kernel_init=torch_default_kernel_init,
+                     bias_init=nn.initializers.zeros, name="out_proj")(out)
     return out, weights
 
 

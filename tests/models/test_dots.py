@@ -119,3 +119,40 @@ def test_pointwise_conv_is_a_dense_layer(kernel, padding, pointwise):
   # Pointwise convolutions leave no convolution in the compiled backward.
   hlo = jax.jit(jax.grad(loss(fast))).lower(params, x).compile().as_text()
   assert ("convolution(" in hlo) != pointwise
+
+
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_dense_equals_flax_dense(use_bias):
+  x = _random((3, 4, 6), 0)
+  plain = nn.Dense(5, use_bias=use_bias,
+                   bias_init=nn.initializers.normal(1.0))
+  fast = dots.Dense(5, use_bias=use_bias,
+                    bias_init=nn.initializers.normal(1.0))
+  params = plain.init(jax.random.key(0), x)
+  # Same parameters from the same key: a drop-in for checkpoints too.
+  jax.tree.map(np.testing.assert_array_equal, fast.init(jax.random.key(0), x),
+               params)
+  np.testing.assert_allclose(fast.apply(params, x), plain.apply(params, x),
+                             rtol=1e-6, atol=1e-6)
+  loss = lambda m: lambda p: jnp.sum(jnp.sin(m.apply(p, x)))  # noqa: E731
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
+                                                       atol=1e-6),
+               jax.grad(loss(fast))(params), jax.grad(loss(plain))(params))
+
+
+def test_bias_gradient_is_a_product_on_cpu():
+  g = _random((4, 50, 16), 3)
+  np.testing.assert_allclose(dots.column_sum(g), g.sum((0, 1)), rtol=1e-5,
+                             atol=1e-5)
+  y, b = _random((4, 50, 16), 4), _random((16,), 5)
+  _, vjp = jax.vjp(dots.bias_add, y, b)
+  dy, db = vjp(g)
+  np.testing.assert_array_equal(dy, g)
+  np.testing.assert_allclose(db, g.sum((0, 1)), rtol=1e-5, atol=1e-5)
+  hlo = jax.jit(lambda g: vjp(g)[1]).lower(g).compile().as_text()
+  assert re.search(r"\bdot\(", hlo) and not re.search(r"\breduce\(", hlo)
+  # Other dtypes keep the plain reduction.
+  h = g.astype(jnp.bfloat16)
+  assert dots.column_sum(h).dtype == jnp.bfloat16
+  np.testing.assert_allclose(dots.column_sum(h).astype(np.float32),
+                             g.sum((0, 1)), rtol=0.05, atol=0.3)
