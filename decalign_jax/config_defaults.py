@@ -34,8 +34,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.init_from = ""
   # XLA:CPU speed-ups (see decalign_jax/runtime.py): two process-wide
   # switches applied by train.py before JAX starts, and a compile option of
-  # the jitted steps (ynn_reductions=False: reductions as XLA loops, not
-  # YNNPACK calls). None changes a number beyond float summation order.
+  # the jitted train step (ynn_reductions=False: reductions as XLA loops,
+  # not YNNPACK calls). None changes a number beyond float summation order.
   c.runtime = ml_collections.ConfigDict(dict(
       retain_host_memory=True, unrolled_cpu_threefry=True,
       ynn_reductions=False))
