@@ -164,6 +164,7 @@ def column_sum(g: jax.Array) -> jax.Array:
   g2 = g.reshape(-1, g.shape[-1])
   if g2.dtype != jnp.float32:
     return g2.sum(0)
+
   def cpu(a):
     return jnp.matmul(jnp.ones((1, a.shape[0]), a.dtype), a)[0]
 
