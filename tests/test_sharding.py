@@ -61,6 +61,11 @@ def _run(setup, layout):
     return _run_x64(setup, layout)
 
 
+# These steps are tiny and compile-bound (LLVM at -O3 is most of the time);
+# every layout compiles with the same option, so the comparison holds.
+FAST_LLVM = {"xla_backend_optimization_level": 0}
+
+
 def _run_x64(setup, layout):
   config, task, batches = setup
   batches = [_f64(b) for b in batches]
@@ -75,14 +80,15 @@ def _run_x64(setup, layout):
   state = jax.jit(init, out_shardings=state_sh)(jax.random.key(0))
   grad_fn = jax.jit(
       jax.grad(lambda p, b: task.loss_fn(p, b, jax.random.key(2), True)[0]),
-      in_shardings=(state_sh.params, data_sh), out_shardings=state_sh.params)
+      in_shardings=(state_sh.params, data_sh), out_shardings=state_sh.params,
+      compiler_options=FAST_LLVM)
   grads = jax.device_get(grad_fn(state.params,
                                  sharding.put_batch(batches[0], data_sh)))
   step = jax.jit(functools.partial(steps.train_step, loss_fn=task.loss_fn,
                                    tx=tx),
                  in_shardings=(state_sh, data_sh),
                  out_shardings=(state_sh, sharding.replicated(mesh)),
-                 donate_argnums=(0,))
+                 donate_argnums=(0,), compiler_options=FAST_LLVM)
   # One compile, reused for the steps and read by the HLO tests.
   compiled = step.lower(state, sharding.put_batch(batches[0],
                                                   data_sh)).compile()
