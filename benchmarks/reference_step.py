@@ -19,7 +19,11 @@ with `use_bert` off (features 768/5/20, T = 50), as in
 `bench_reference_cpu_*.json`. The same synthetic batch is reused every step.
 The eval forward is `model.eval()` under `torch.no_grad()`.
 
-Prints one JSON line.
+Prints one JSON line. With `--serve` it instead warms up, prints a `ready`
+line and then answers each `train N` line on stdin with the times of N more
+steps (one JSON line), until `quit` or end of input: `train_step.py
+--interleave` keeps one such process per malloc mode and alternates blocks
+of its own steps with theirs, so that both sides see the same machine state.
 """
 
 import argparse
@@ -41,6 +45,41 @@ def percentiles(times_s):
           float(np.percentile(ms, 90)))
 
 
+def serve(train_step, stdin, stdout, info=None):
+  """Answers `train N` with the times of N calls of `train_step`.
+
+  Args:
+    train_step: runs one step, returns its loss.
+    stdin: command lines: `train N` or `quit` (end of input also stops).
+    stdout: one JSON line per command, after a first `{"ready": true, ...}`
+      (with `info`): `{"train_step_s": [...], "all_losses_finite": ...}`,
+      or `{"error": ...}` for a line that is not a command.
+    info: fields of the `ready` line (versions, threads, malloc settings).
+  """
+  def reply(obj):
+    stdout.write(json.dumps(obj) + "\n")
+    stdout.flush()
+
+  reply({"ready": True, **(info or {})})
+  for line in stdin:
+    words = line.split()
+    if not words:
+      continue
+    if words == ["quit"]:
+      break
+    if len(words) != 2 or words[0] != "train" or not words[1].isdigit():
+      reply({"error": f"unknown command {line.strip()!r}: expected "
+                      "'train N' or 'quit'"})
+      continue
+    times, losses = [], []
+    for _ in range(int(words[1])):
+      t0 = time.perf_counter()
+      losses.append(train_step())
+      times.append(time.perf_counter() - t0)
+    reply({"train_step_s": times,
+           "all_losses_finite": bool(np.all(np.isfinite(losses)))})
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--reference-dir", required=True,
@@ -55,6 +94,9 @@ def main(argv=None):
       len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
       else os.cpu_count()))
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--serve", action="store_true",
+                 help="after the warm-up, time steps on request (stdin "
+                 "'train N' / 'quit'; see serve())")
   args = p.parse_args(argv)
 
   ref = os.path.abspath(args.reference_dir)
@@ -105,6 +147,15 @@ def main(argv=None):
     return loss.item()
 
   model.train()
+  if args.serve:
+    for _ in range(args.warmup):
+      train_step()
+    serve(train_step, sys.stdin, sys.stdout, info={
+        "batch": args.batch, "n_params": n_params,
+        "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "malloc_env": {k: v for k, v in os.environ.items()
+                       if k.startswith("MALLOC_")}})
+    return
   losses, times = [], []
   for i in range(args.warmup + args.steps):
     t0 = time.perf_counter()

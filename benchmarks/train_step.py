@@ -23,6 +23,15 @@ with the same batch and step counts, once per glibc malloc mode, and adds
 `reference_same_run` and `speedup_vs_reference_same_run`: both sides
 measured in one run, on the same machine state.
 
+`--interleave R` (with the two above) measures the side by side in turns
+instead: one long-lived `reference_step.py --serve` process per malloc
+mode, and R rounds of `--steps` steps of ours, then of each reference
+process. This VM's speed drifts by 10-20% within minutes, which one block
+per side cannot tell from a speed-up; per-round ratios can. It adds
+`interleaved`: per-round samples/s of each side and, per malloc mode, the
+median, min and max of the per-round speed-ups and the ratio of the pooled
+median step times.
+
 The XLA FLOP count includes elementwise work; `model_flops_per_step` is the
 analytic matmul count (3x the forward's: one forward, two backward matmuls),
 the usual MFU numerator.
@@ -122,6 +131,21 @@ def reference_numbers(batch: int) -> dict:
             "train_samples_per_s", "train_step_ms_median",
             "eval_samples_per_s")}
   return out
+
+
+def time_steps(train_fn, state, batch, n):
+  """n steps, each waited for: (state, wall times, CPU times, losses)."""
+  times, cpu_times, losses = [], [], []
+  for _ in range(n):
+    # Process CPU time (all threads) as well: on a shared machine the wall
+    # time includes waiting for other processes, the CPU time does not.
+    t, c = time.perf_counter(), time.process_time()
+    state, meas = train_fn(state, batch)
+    jax.block_until_ready(meas)
+    times.append(time.perf_counter() - t)
+    cpu_times.append(time.process_time() - c)
+    losses.append(float(meas["loss"]))
+  return state, times, cpu_times, losses
 
 
 def percentiles(times_s):
@@ -258,9 +282,15 @@ def main(argv=None):
                  help="glibc malloc mode(s) for the reference run (retain: "
                  "the MALLOC_* settings of bench_reference_cpu_malloc_"
                  "retain.json)")
+  p.add_argument("--interleave", type=int, default=0, metavar="R",
+                 help="then R rounds of --steps steps each, alternating ours "
+                 "with long-lived reference processes (one per malloc mode); "
+                 "needs --reference-python")
   args = p.parse_args(argv)
   if (args.reference_python is None) != (args.reference_dir is None):
     p.error("--reference-python and --reference-dir go together")
+  if args.interleave and not args.reference_python:
+    p.error("--interleave needs --reference-python and --reference-dir")
   # As train.py: before the first JAX computation starts its threads.
   applied = runtime.configure(ml_collections.ConfigDict(dict(
       retain_host_memory=not args.no_retain_host_memory,
@@ -302,16 +332,9 @@ def main(argv=None):
   for _ in range(args.warmup - 1):
     state, meas = train_fn(state, batch)
     losses.append(float(meas["loss"]))
-  # Process CPU time (all threads) per step as well: on a shared machine the
-  # wall time includes waiting for other processes, the CPU time does not.
-  times, cpu_times = [], []
-  for _ in range(args.steps):
-    t, c = time.perf_counter(), time.process_time()
-    state, meas = train_fn(state, batch)
-    jax.block_until_ready(meas)
-    times.append(time.perf_counter() - t)
-    cpu_times.append(time.process_time() - c)
-    losses.append(float(meas["loss"]))
+  state, times, cpu_times, timed_losses = time_steps(train_fn, state, batch,
+                                                    args.steps)
+  losses += timed_losses
   cache_size = train_fn._cache_size()  # pylint: disable=protected-access
   med, p10, p90 = percentiles(times)
 
@@ -396,6 +419,25 @@ def main(argv=None):
     result["speedup_vs_reference_same_run"] = {
         k: round(samples_per_s / v["train_samples_per_s"], 2)
         for k, v in same.items()}
+  if args.interleave:
+    carry = [state]
+
+    def ours(n):
+      carry[0], block, _, block_losses = time_steps(train_fn, carry[0], batch,
+                                                    n)
+      if not np.all(np.isfinite(block_losses)):
+        raise SystemExit(f"non-finite loss while interleaving: {block_losses}")
+      return block
+
+    servers = {mode: ReferenceServer(reference_command(args, serve=True),
+                                     reference_env(mode))
+               for mode in reference_modes(args)}
+    try:
+      result["interleaved"] = interleave(ours, servers, args.interleave,
+                                         args.steps, args.batch)
+    finally:
+      for server in servers.values():
+        server.close()
   print(json.dumps(result))
 
 
@@ -405,22 +447,133 @@ RETAIN_MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0",
                      "MALLOC_TOP_PAD_": "1073741824"}
 
 
+def reference_modes(args) -> tuple[str, ...]:
+  return (("default", "retain") if args.reference_malloc == "both"
+          else (args.reference_malloc,))
+
+
+def reference_env(mode: str) -> dict[str, str]:
+  env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+  if mode == "retain":
+    env.update(RETAIN_MALLOC_ENV)
+  return env
+
+
+def reference_command(args, serve: bool = False) -> list[str]:
+  return [args.reference_python,
+          os.path.join(ROOT, "benchmarks", "reference_step.py"),
+          "--reference-dir", args.reference_dir, "--batch", str(args.batch),
+          "--steps", str(args.steps), "--warmup", str(args.warmup),
+          "--eval-steps", str(args.eval_steps), "--seed", str(args.seed),
+          *(["--serve"] if serve else [])]
+
+
+class ReferenceServer:
+  """A `reference_step.py --serve` process: times reference steps on request.
+
+  Its stderr goes to a temporary file (a pipe nobody reads could fill up
+  and stall it) and is quoted when it fails.
+  """
+
+  def __init__(self, cmd: list[str], env: dict[str, str] | None = None):
+    self.cmd = cmd
+    self._stderr = tempfile.TemporaryFile(mode="w+")
+    self._proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, stderr=self._stderr,
+                                  text=True)
+    self.info = self._read()
+    if not self.info.get("ready"):
+      self._fail(f"expected a ready line, got {self.info}")
+
+  def _fail(self, what: str):
+    self._proc.kill()
+    self._proc.wait()
+    self._stderr.seek(0)
+    raise SystemExit(f"reference server ({' '.join(self.cmd)}): {what}\n"
+                     f"{self._stderr.read()[-3000:]}")
+
+  def _read(self) -> dict:
+    line = self._proc.stdout.readline()
+    if not line:
+      self._fail(f"exited with status {self._proc.wait()}")
+    reply = json.loads(line)
+    if "error" in reply:
+      self._fail(reply["error"])
+    return reply
+
+  def train(self, n: int) -> list[float]:
+    """Wall seconds of each of n more reference steps."""
+    self._proc.stdin.write(f"train {n}\n")
+    self._proc.stdin.flush()
+    reply = self._read()
+    if not reply["all_losses_finite"]:
+      self._fail("non-finite reference loss")
+    return reply["train_step_s"]
+
+  def close(self):
+    if self._proc.poll() is None:
+      try:
+        self._proc.stdin.write("quit\n")
+        self._proc.stdin.close()
+        self._proc.wait(timeout=60)
+      except (OSError, subprocess.TimeoutExpired):
+        self._proc.kill()
+        self._proc.wait()
+    self._stderr.close()
+
+
+def interleave(ours, servers, rounds: int, steps: int, batch: int) -> dict:
+  """Rounds of `steps` steps: ours, then each server's, in turn.
+
+  Args:
+    ours: `ours(n)` runs n of our steps, returns their wall seconds.
+    servers: malloc mode -> an object whose `train(n)` does the same for the
+      reference (`ReferenceServer`).
+    rounds: number of rounds.
+    steps: steps per block.
+    batch: samples per step.
+
+  Returns:
+    per-round samples/s (block medians) of each side; per mode the median,
+    min and max of the per-round speed-ups and the speed-up of the pooled
+    medians (all steps of each side).
+  """
+  times = {"ours": []} | {mode: [] for mode in servers}
+  for _ in range(rounds):
+    times["ours"].append(list(ours(steps)))
+    for mode, server in servers.items():
+      times[mode].append(list(server.train(steps)))
+  rate = lambda ts: batch / float(np.median(ts))  # noqa: E731
+  per_round = {side: [rate(block) for block in blocks]
+               for side, blocks in times.items()}
+  pooled = {side: rate(np.concatenate(blocks))
+            for side, blocks in times.items()}
+  speedup = {}
+  for mode in servers:
+    ratios = np.array(per_round["ours"]) / np.array(per_round[mode])
+    speedup[mode] = {"median": round(float(np.median(ratios)), 3),
+                     "min": round(float(ratios.min()), 3),
+                     "max": round(float(ratios.max()), 3),
+                     "pooled": round(pooled["ours"] / pooled[mode], 3)}
+  return {
+      "rounds": rounds,
+      "steps_per_block": steps,
+      "train_samples_per_s_per_round": {
+          side: [round(r, 2) for r in rates]
+          for side, rates in per_round.items()},
+      "train_samples_per_s_pooled": {
+          side: round(r, 2) for side, r in pooled.items()},
+      "speedup": speedup,
+  }
+
+
 def run_reference(args) -> dict:
   """Runs reference_step.py under --reference-python, per malloc mode."""
-  modes = (("default", "retain") if args.reference_malloc == "both"
-           else (args.reference_malloc,))
   out = {}
-  for mode in modes:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-    if mode == "retain":
-      env.update(RETAIN_MALLOC_ENV)
-    cmd = [args.reference_python,
-           os.path.join(ROOT, "benchmarks", "reference_step.py"),
-           "--reference-dir", args.reference_dir, "--batch", str(args.batch),
-           "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--eval-steps", str(args.eval_steps), "--seed", str(args.seed)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
-                          check=False)
+  for mode in reference_modes(args):
+    cmd = reference_command(args)
+    proc = subprocess.run(cmd, env=reference_env(mode), capture_output=True,
+                          text=True, check=False)
     if proc.returncode != 0:
       raise SystemExit(f"reference run failed ({' '.join(cmd)}):\n"
                        f"{proc.stderr[-3000:]}")
