@@ -36,9 +36,12 @@ def base_config() -> ml_collections.ConfigDict:
   # switches applied by train.py before JAX starts, and a compile option of
   # the jitted train step (ynn_reductions=False: reductions as XLA loops,
   # not YNNPACK calls). None changes a number beyond float summation order.
+  # compilation_cache_dir: JAX's persistent compilation cache, so that later
+  # runs load the train step ('' = off; $JAX_COMPILATION_CACHE_DIR wins).
   c.runtime = ml_collections.ConfigDict(dict(
       retain_host_memory=True, unrolled_cpu_threefry=True,
-      ynn_reductions=False))
+      ynn_reductions=False,
+      compilation_cache_dir="~/.cache/decalign_jax/jit"))
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "mmsa"  # "mmsa" (a pickle at data.path) or "synthetic"

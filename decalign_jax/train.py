@@ -417,7 +417,8 @@ def main(argv):
   config = _CONFIG.value
   # Before anything starts JAX's thread pools (see runtime.py).
   applied = runtime.configure(config.runtime)
-  log.info("runtime: %s", applied)
+  log.info("runtime: %s, compilation cache: %s", applied,
+           runtime.compilation_cache_dir(config.runtime) or "off")
   jax.config.update("jax_threefry_partitionable", True)
   sharding.maybe_initialize_distributed()
   train_and_evaluate(config, _WORKDIR.value, mode=_MODE.value)

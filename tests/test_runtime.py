@@ -131,3 +131,38 @@ def test_compiler_options_take_reductions_off_ynnpack():
   assert runtime.compiler_options(on, cpus) == {}
   assert runtime.compiler_options(
       off, [types.SimpleNamespace(platform="gpu")]) == {}
+
+
+def test_compilation_cache_dir_resolution(tmp_path):
+  cfg = ml_collections.ConfigDict(dict(compilation_cache_dir="~/jit"))
+  home = os.path.expanduser("~")
+  assert runtime.compilation_cache_dir(cfg, {}) == os.path.join(home, "jit")
+  # The environment wins (JAX reads it itself); '' or no field is off.
+  env = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path)}
+  assert runtime.compilation_cache_dir(cfg, env) == str(tmp_path)
+  cfg.compilation_cache_dir = ""
+  assert runtime.compilation_cache_dir(cfg, {}) is None
+  assert runtime.compilation_cache_dir(ml_collections.ConfigDict(), {}) is None
+
+
+def test_configure_turns_on_the_persistent_cache(tmp_path):
+  # A fresh process: JAX's cache is set up once, at the first compile.
+  code = textwrap.dedent(f"""
+      import jax, jax.numpy as jnp, ml_collections, os
+      from decalign_jax import runtime
+      from configs import synthetic
+      cfg = synthetic.get_config().runtime
+      cfg.compilation_cache_dir = {str(tmp_path / "jit")!r}
+      runtime.configure(cfg)
+      jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+      print(jax.config.jax_compilation_cache_dir)
+      jax.jit(lambda x: jnp.sin(x) * 2)(jnp.ones(3)).block_until_ready()
+      """)
+  env = {k: v for k, v in os.environ.items()
+         if k != "JAX_COMPILATION_CACHE_DIR"}
+  proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT,
+                        capture_output=True, text=True, timeout=300,
+                        check=False)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.split() == [str(tmp_path / "jit")]
+  assert os.listdir(tmp_path / "jit")  # the compiled program was stored
