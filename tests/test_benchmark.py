@@ -6,7 +6,9 @@ import json
 import os
 import subprocess
 import sys
+import time
 
+import jax
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,6 +43,9 @@ def test_train_step_benchmark_json(extra, backbone):
   assert r["runtime"] == {"retain_host_memory": True,
                           "unrolled_cpu_threefry": True}
   assert r["text_backbone"] == backbone
+  # conftest gives every run of the suite one persistent compilation cache.
+  assert r["compilation_cache_dir"] == os.environ["JAX_COMPILATION_CACHE_DIR"]
+  assert isinstance(r["train_step_from_cache"], bool)
   assert r["train_step_ms_median"] > 0 and r["eval_forward_ms_median"] > 0
   assert r["flops_per_step"] > r["model_flops_per_step"] / 10 > 0
   # Reference figures exist for batch 32 and 512 only, never with a backbone.
@@ -149,3 +154,20 @@ def test_reference_server_process(tmp_path):
   crash_py.write_text("import sys\nsys.exit('no torch here')\n")
   with pytest.raises(SystemExit, match="exited with status 1(.|\n)*no torch"):
     train_step.ReferenceServer([sys.executable, str(crash_py)])
+
+
+def test_compile_reporting_cache_tells_a_load_from_a_compile():
+  ts = _load("train_step")
+  x = jax.numpy.arange(5.0)
+  previous = jax.config.jax_persistent_cache_min_compile_time_secs
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  try:
+    # Two jit objects of one new program: the first compiles and stores it
+    # in conftest's cache, the second loads it.
+    salt = time.time_ns() % 10**9 / 7.0 + 0.25  # a program new to any cache
+    make = lambda: lambda v: jax.numpy.cumsum(v * salt) ** 2  # noqa: E731
+    _, first = ts.compile_reporting_cache(jax.jit(make()).lower(x))
+    _, second = ts.compile_reporting_cache(jax.jit(make()).lower(x))
+  finally:
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", previous)
+  assert (first, second) == (False, True)
