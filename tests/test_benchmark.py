@@ -106,7 +106,7 @@ def test_reference_serve_protocol():
 
 
 def test_interleave_pairs_rounds():
-  train_step = _load("train_step")
+  runner = _load("reference_runner")
   order = []
 
   class Fake:
@@ -118,9 +118,9 @@ def test_interleave_pairs_rounds():
       return [self.seconds.pop(0)] * n
 
   ours = Fake("ours", [0.1, 0.2])
-  r = train_step.interleave(ours.train, {"default": Fake("default", [0.4, 0.4]),
-                                         "retain": Fake("retain", [0.2, 0.8])},
-                            rounds=2, steps=3, batch=32)
+  r = runner.interleave(ours.train, {"default": Fake("default", [0.4, 0.4]),
+                                     "retain": Fake("retain", [0.2, 0.8])},
+                        rounds=2, steps=3, batch=32)
   assert order == ["ours", "default", "retain"] * 2
   rates = r["train_samples_per_s_per_round"]
   assert rates == {"ours": [320.0, 160.0], "default": [80.0, 80.0],
@@ -133,7 +133,7 @@ def test_interleave_pairs_rounds():
 
 
 def test_reference_server_process(tmp_path):
-  train_step = _load("train_step")
+  runner = _load("reference_runner")
   server_py = tmp_path / "server.py"
   server_py.write_text(
       "import sys, time\n"
@@ -141,7 +141,7 @@ def test_reference_server_process(tmp_path):
       "import reference_step\n"
       "reference_step.serve(lambda: time.sleep(0.01) or 1.0, sys.stdin,"
       " sys.stdout, info={'torch': 'fake'})\n")
-  server = train_step.ReferenceServer([sys.executable, str(server_py)])
+  server = runner.ReferenceServer([sys.executable, str(server_py)])
   try:
     assert server.info == {"ready": True, "torch": "fake"}
     times = server.train(3)
@@ -153,7 +153,7 @@ def test_reference_server_process(tmp_path):
   crash_py = tmp_path / "crash.py"
   crash_py.write_text("import sys\nsys.exit('no torch here')\n")
   with pytest.raises(SystemExit, match="exited with status 1(.|\n)*no torch"):
-    train_step.ReferenceServer([sys.executable, str(crash_py)])
+    runner.ReferenceServer([sys.executable, str(crash_py)])
 
 
 def test_compile_reporting_cache_tells_a_load_from_a_compile():
