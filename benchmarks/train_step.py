@@ -38,6 +38,7 @@ the usual MFU numerator.
 """
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -161,7 +162,14 @@ def percentiles(times_s):
           float(np.percentile(ms, 90)))
 
 
-_CACHE_EVENTS: list[str] = []
+_jax_events: list[str] = []
+
+
+@functools.cache
+def _record_jax_events():
+  """Appends every `jax.monitoring` event name to `_jax_events` (once)."""
+  jax.monitoring.register_event_listener(
+      lambda event, **_: _jax_events.append(event))
 
 
 def compile_reporting_cache(lowered):
@@ -170,14 +178,11 @@ def compile_reporting_cache(lowered):
   Returns:
     `(compiled, from_cache)`.
   """
-  if not _CACHE_EVENTS:  # register once per process
-    _CACHE_EVENTS.append("")
-    jax.monitoring.register_event_listener(
-        lambda event, **_: _CACHE_EVENTS.append(event))
-  start = len(_CACHE_EVENTS)
+  _record_jax_events()
+  start = len(_jax_events)
   compiled = lowered.compile()
   return compiled, ("/jax/compilation_cache/cache_hits"
-                    in _CACHE_EVENTS[start:])
+                    in _jax_events[start:])
 
 
 def cost_flops(compiled) -> float | None:
