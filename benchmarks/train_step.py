@@ -14,7 +14,8 @@ to completion (`block_until_ready` on the measurements, as its `loss.item()`).
 Prints one JSON line: step-time median/p10/p90, samples/s, the eval forward
 (jitted predict, eval mode), the XLA cost-analysis FLOPs of the step, the
 achieved GFLOP/s and MFU against `--peak-gflops` (this CPU's float32 matmul
-peak), and the reference numbers for the same batch size read from
+peak) and against `measured_matmul_gflops` (a 2048^2 jitted matmul timed in
+the same run), and the reference numbers for the same batch size read from
 `benchmarks/bench_reference_cpu_malloc_{retain,default}.json`.
 
 With `--reference-python PY --reference-dir DIR` (a Python with PyTorch and
@@ -38,7 +39,6 @@ the usual MFU numerator.
 """
 
 import argparse
-import functools
 import json
 import os
 import platform
@@ -162,27 +162,23 @@ def percentiles(times_s):
           float(np.percentile(ms, 90)))
 
 
-_jax_events: list[str] = []
+def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
+  """This machine's float32 GFLOP/s on a jitted n x n matmul (all threads).
 
-
-@functools.cache
-def _record_jax_events():
-  """Appends every `jax.monitoring` event name to `_jax_events` (once)."""
-  jax.monitoring.register_event_listener(
-      lambda event, **_: _jax_events.append(event))
-
-
-def compile_reporting_cache(lowered):
-  """`lowered.compile()`, and whether JAX loaded it from its persistent cache.
-
-  Returns:
-    `(compiled, from_cache)`.
+  The best of three timings of `repeats` products: the denominator of
+  `model_mfu_of_measured`, so that utilisation is comparable across hosts
+  (the VMs this runs on have differed twofold in matmul throughput).
   """
-  _record_jax_events()
-  start = len(_jax_events)
-  compiled = lowered.compile()
-  return compiled, ("/jax/compilation_cache/cache_hits"
-                    in _jax_events[start:])
+  a = jax.numpy.ones((n, n), jax.numpy.float32)
+  f = jax.jit(lambda x: x @ x)
+  jax.block_until_ready(f(a))
+  best = float("inf")
+  for _ in range(3):
+    t = time.perf_counter()
+    for _ in range(repeats):
+      jax.block_until_ready(f(a))
+    best = min(best, time.perf_counter() - t)
+  return repeats * 2 * n**3 / best / 1e9
 
 
 def cost_flops(compiled) -> float | None:
@@ -355,7 +351,7 @@ def main(argv=None):
   t0 = time.perf_counter()
   lowered = train_fn.lower(state, batch)
   t1 = time.perf_counter()
-  compiled, step_from_cache = compile_reporting_cache(lowered)
+  compiled, step_from_cache = runtime.compile_reporting_cache(lowered)
   t2 = time.perf_counter()
   xla_flops = cost_flops(compiled)
   ynn_roots = runtime.ynn_fusion_roots(compiled.as_text())
@@ -388,6 +384,7 @@ def main(argv=None):
     etimes.append(time.perf_counter() - t)
   emed, ep10, ep90 = percentiles(etimes)
 
+  measured_gflops = matmul_gflops()
   model_flops = 3 * model_matmul_flops(args.batch, seq_len, dims, mc.d_model,
                                        mc.num_layers, mc.pde_dim, backbone)
   samples_per_s = args.batch / (med / 1e3)
@@ -434,6 +431,9 @@ def main(argv=None):
       "model_mfu": round(model_flops / (med / 1e3) / 1e9 / args.peak_gflops,
                          4),
       "peak_gflops": args.peak_gflops,
+      "measured_matmul_gflops": round(measured_gflops, 1),
+      "model_mfu_of_measured": round(
+          model_flops / (med / 1e3) / 1e9 / measured_gflops, 4),
       "runtime": applied,
       "loss_first": round(losses[0], 6),
       "loss_last": round(losses[-1], 6),

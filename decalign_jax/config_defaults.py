@@ -38,10 +38,14 @@ def base_config() -> ml_collections.ConfigDict:
   # not YNNPACK calls). None changes a number beyond float summation order.
   # compilation_cache_dir: JAX's persistent compilation cache, so that later
   # runs load the train step ('' = off; $JAX_COMPILATION_CACHE_DIR wins).
+  # compile_in_subprocess: on CPU, compile the steps in a child process into
+  # that cache and load them here: a process that compiled the step runs it
+  # 30-50% slower (heap fragmentation; train.compile_in_child).
   c.runtime = ml_collections.ConfigDict(dict(
       retain_host_memory=True, unrolled_cpu_threefry=True,
       ynn_reductions=False,
-      compilation_cache_dir="~/.cache/decalign_jax/jit"))
+      compilation_cache_dir="~/.cache/decalign_jax/jit",
+      compile_in_subprocess=True))
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "mmsa"  # "mmsa" (a pickle at data.path) or "synthetic"

@@ -51,6 +51,7 @@ import logging
 import os
 import re
 import sys
+from typing import Any
 
 import jax
 import jax.extend.random as jex_random
@@ -197,6 +198,33 @@ def compilation_cache_dir(runtime_config, environ=None) -> str | None:
     return environ["JAX_COMPILATION_CACHE_DIR"]
   path = runtime_config.get("compilation_cache_dir", "")
   return os.path.expanduser(path) if path else None
+
+
+_jax_events: list[str] = []
+
+
+@functools.cache
+def _record_jax_events() -> None:
+  """Appends every `jax.monitoring` event name to `_jax_events` (once)."""
+  jax.monitoring.register_event_listener(
+      lambda event, **_: _jax_events.append(event))
+
+
+def compile_reporting_cache(lowered) -> tuple[Any, bool]:
+  """`lowered.compile()`, and whether JAX loaded it from its persistent cache.
+
+  Args:
+    lowered: `jax.jit(f).lower(...)`.
+
+  Returns:
+    `(compiled, from_cache)`; `from_cache` is True when JAX reported a hit
+    of its persistent compilation cache during this compile.
+  """
+  _record_jax_events()
+  start = len(_jax_events)
+  compiled = lowered.compile()
+  return compiled, ("/jax/compilation_cache/cache_hits"
+                    in _jax_events[start:])
 
 
 def configure(runtime_config) -> dict[str, bool]:

@@ -31,6 +31,7 @@ from decalign_jax import checkpoint
 from decalign_jax import metrics as metrics_lib
 from decalign_jax import optim
 from decalign_jax import packing as packing_lib
+from decalign_jax import precompile
 from decalign_jax import runtime
 from decalign_jax import sharding
 from decalign_jax import steps
@@ -198,6 +199,56 @@ def state_packing(config: ml_collections.ConfigDict, state, state_sharding
   return packing_lib.StatePacking.of(state)
 
 
+def build_step_fns(config: ml_collections.ConfigDict, task: base.Task, tx,
+                   state, state_sharding, mesh) -> StepFns:
+  """`make_step_fns` as a run configures it (packing, compiler options)."""
+  return make_step_fns(
+      task, tx, state_sharding, mesh,
+      packing=state_packing(config, state, state_sharding),
+      compiler_options=runtime.compiler_options(config.runtime,
+                                                mesh.devices.flat))
+
+
+def compile_steps(fns: StepFns, state, task: base.Task, data_sharding, *,
+                  train: bool = True) -> dict[str, dict[str, Any]]:
+  """Compiles the run's programs ahead of the loop; says where each came from.
+
+  The train step, the eval step and, for a packed state, `pack` and
+  `unpack` (whose ~800 outputs take 9 s to compile for MOSI: as much a
+  reason to keep the compiler out of the training process as the step).
+  They are the programs the loop calls (same shapes and shardings), so jit
+  reuses them rather than compiling again, and the first epoch's timing
+  holds no compile.
+
+  Args:
+    fns: the run's `StepFns`.
+    state: the `TrainState` (only its shapes are used).
+    task: the task (its `example_batch` and first "valid" eval batch).
+    data_sharding: the batches' sharding.
+    train: also compile what training needs (all but the eval step).
+
+  Returns:
+    `{name: {"seconds": s, "from_cache": bool}}` for "train", "eval",
+    "pack" and "unpack" (those compiled).
+  """
+  eval_batch = sharding.put_batch(next(iter(task.eval_batches["valid"]())),
+                                  data_sharding)
+  todo = [("eval", fns.eval, (state.params, eval_batch))]
+  if train:
+    carry = jax.eval_shape(fns.pack, state)
+    todo.insert(0, ("train", fns.train, (
+        carry, sharding.put_batch(task.example_batch, data_sharding))))
+    if hasattr(fns.pack, "lower"):  # jitted: the state is packed
+      todo += [("pack", fns.pack, (state,)), ("unpack", fns.unpack, (carry,))]
+  report = {}
+  for name, fn, args in todo:
+    t0 = time.perf_counter()
+    _, from_cache = runtime.compile_reporting_cache(fn.lower(*args))
+    report[name] = {"seconds": time.perf_counter() - t0,
+                    "from_cache": from_cache}
+  return report
+
+
 def run_one(config: ml_collections.ConfigDict, workdir: str, *,
             mode: str = "train", task: base.Task | None = None
             ) -> dict[str, Any]:
@@ -244,11 +295,9 @@ def run_one(config: ml_collections.ConfigDict, workdir: str, *,
     state, meta = checkpoint.restore(latest, state)
     log.info("Resumed from %s at epoch %d", workdir, meta["epoch"])
 
-  fns = make_step_fns(
-      task, tx, state_sharding, mesh,
-      packing=state_packing(config, state, state_sharding),
-      compiler_options=runtime.compiler_options(config.runtime,
-                                                mesh.devices.flat))
+  fns = build_step_fns(config, task, tx, state, state_sharding, mesh)
+  log.info("%s", precompile.describe(compile_steps(
+      fns, state, task, data_sharding, train=mode == "train")))
   plateau_fn = jax.jit(functools.partial(steps.plateau_update,
                                          plateau=plateau),
                        donate_argnums=(0,))
@@ -271,7 +320,7 @@ def run_one(config: ml_collections.ConfigDict, workdir: str, *,
       if epoch - meta["best_epoch"] >= config.early_stop_patience and (
           meta["best_score"] is not None):
         break
-      t0 = time.time()
+      t0, epoch_start_step = time.time(), step
       # The steps carry the packed state; the tree is rebuilt at the end of
       # the epoch (dropping `state` meanwhile keeps one copy alive).
       carry, state = fns.pack(state), None
@@ -292,6 +341,10 @@ def run_one(config: ml_collections.ConfigDict, workdir: str, *,
           writer.write({"step": step, "epoch": epoch, "split": "train", **m})
           bar.set_postfix(loss=f"{m['loss']:.4f}")
       state, carry = fns.unpack(carry), None
+      # One sync per epoch (evaluation would wait here anyway).
+      jax.block_until_ready(state)
+      train_seconds = time.time() - t0
+      epoch_steps = step - epoch_start_step
       valid = evaluate(state.params, "valid")
       score = valid[sel_name]
       state = plateau_fn(state, jnp.asarray(
@@ -304,8 +357,12 @@ def run_one(config: ml_collections.ConfigDict, workdir: str, *,
         meta["best_score"], meta["best_epoch"] = score, epoch + 1
       meta["epoch"] = epoch + 1
       meta["history"].append({"epoch": epoch + 1, sel_name: score})
-      writer.write({"step": step, "epoch": epoch + 1,
-                    "split": "valid", "seconds": time.time() - t0, **valid})
+      writer.write({"step": step, "epoch": epoch + 1, "split": "valid",
+                    "seconds": time.time() - t0,
+                    "train_seconds": train_seconds,
+                    "train_samples_per_second":
+                        epoch_steps * config.batch_size / train_seconds,
+                    **valid})
       log.info("epoch %d: valid %s %.4f (best %.4f at epoch %d)", epoch + 1,
                sel_name, score, meta["best_score"], meta["best_epoch"])
       if improved:
@@ -362,6 +419,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   task_config = config.copy_and_resolve_references()
   splits = sentiment.load_splits(task_config, workdir) if (
       config.task == "sentiment") else None
+  if splits is not None and mode == "train":
+    first_seed = config.copy_and_resolve_references()
+    with first_seed.unlocked():
+      first_seed.seed = seeds[0]
+    precompile.compile_in_child(first_seed, splits)
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   if jax.process_index() == 0:
     (epath.Path(workdir) / "config.json").write_text(

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 import types
 
 import jax
@@ -166,3 +167,19 @@ def test_configure_turns_on_the_persistent_cache(tmp_path):
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert proc.stdout.split() == [str(tmp_path / "jit")]
   assert os.listdir(tmp_path / "jit")  # the compiled program was stored
+
+
+def test_compile_reporting_cache_tells_a_load_from_a_compile():
+  x = jax.numpy.arange(5.0)
+  previous = jax.config.jax_persistent_cache_min_compile_time_secs
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  try:
+    # Two jit objects of one new program: the first compiles and stores it
+    # in conftest's cache, the second loads it.
+    salt = time.time_ns() % 10**9 / 7.0 + 0.25  # a program new to any cache
+    make = lambda: lambda v: jax.numpy.cumsum(v * salt) ** 2  # noqa: E731
+    _, first = runtime.compile_reporting_cache(jax.jit(make()).lower(x))
+    _, second = runtime.compile_reporting_cache(jax.jit(make()).lower(x))
+  finally:
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", previous)
+  assert (first, second) == (False, True)

@@ -1,6 +1,7 @@
 """End to end: a tiny training run, resume, test mode and bad inputs."""
 
 import json
+import logging
 import os
 import pickle
 import subprocess
@@ -10,9 +11,11 @@ import numpy as np
 import pytest
 
 from decalign_jax import checkpoint
+from decalign_jax import precompile
 from decalign_jax import train
 from decalign_jax.data import mmsa
 from decalign_jax.data import synthetic
+from decalign_jax.tasks import sentiment
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -162,6 +165,7 @@ def test_iemocap_config_trains_on_a_classification_pickle(tmp_path):
   c.model.feature_dims = (24, 12, 20)
   c.model.d_model, c.model.num_layers, c.model.pde_dim = 8, 1, 8
   c.num_epochs, c.batch_size = 1, 16
+  c.runtime.compile_in_subprocess = False  # tested on its own below
   results = train.train_and_evaluate(c, str(tmp_path / "w"))
   assert set(results["test"]) >= {"Acc", "Weighted_F1", "WAF1", "loss"}
   assert results["selection_metric"] == "WAF1"
@@ -183,3 +187,67 @@ def test_metric_writer_keeps_earlier_records_on_resume(tmp_path):
   train._MetricWriter(str(tmp_path)).write({"epoch": 3})  # a resumed run
   lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
   assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
+
+
+def _cli_run(workdir, cache_dir, *overrides):
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+             XLA_FLAGS="--xla_backend_optimization_level=0")
+  proc = subprocess.run(
+      [sys.executable, "-m", "decalign_jax.train", "--config",
+       "configs/synthetic.py:tiny", "--config.num_epochs=1",
+       f"--workdir={workdir}", *overrides],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+      check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(os.path.join(workdir, "results.json")) as f:
+    return proc.stderr, json.load(f)
+
+
+def test_cli_compiles_in_a_child_and_trains_the_same(tmp_path):
+  # Each run gets an empty cache: what the parent loads, the child stored.
+  log, with_child = _cli_run(tmp_path / "a", tmp_path / "jit_a",
+                             "--config.runtime.compile_in_subprocess=True")
+  assert "compiled in a child process" in log, log
+  assert "train step loaded from the compilation cache" in log, log
+  # unpack (~800 outputs) is as much a compile as the step: the child's too.
+  assert "unpack loaded from the compilation cache" in log, log
+  log, here = _cli_run(tmp_path / "b", tmp_path / "jit_b")
+  assert "child process" not in log, log  # tiny's default: off
+  assert "train step compiled in" in log, log
+  # The loaded executable is the one the other run compiled: same numbers.
+  assert with_child["test"] == here["test"]
+  valid = [r for r in _records(tmp_path / "a") if r["split"] == "valid"]
+  assert valid[0]["train_samples_per_second"] > 0
+  assert valid[0]["train_seconds"] <= valid[0]["seconds"]
+
+
+def _splits(tmp_path):
+  config = _tiny_config()
+  return config, sentiment.load_splits(config, str(tmp_path))
+
+
+def test_failed_child_compile_falls_back_to_this_process(tmp_path, caplog):
+  config, splits = _splits(tmp_path)
+  config.runtime.compile_in_subprocess = True
+  config.batch_size = 10**6  # no full training batch: the child fails
+  with caplog.at_level(logging.WARNING, logger="decalign_jax.precompile"):
+    assert precompile.compile_in_child(config, splits) is None
+  assert "compiling in a child process failed" in caplog.text
+  assert "exceeds the split" in caplog.text  # the child's own error
+
+
+def test_child_compile_skip_reasons(monkeypatch):
+  config = _tiny_config()
+  assert "compile_in_subprocess" in precompile.skip_reason(config)
+  config.runtime.compile_in_subprocess = True
+  assert precompile.skip_reason(config) is None  # CPU, cache on
+  monkeypatch.setenv("DECALIGN_JAX_COMPILE_CHILD", "1")
+  assert "child" in precompile.skip_reason(config)
+
+
+def test_child_gets_the_first_rows_of_each_split(tmp_path):
+  _, splits = _splits(tmp_path)
+  rows = precompile.first_rows(splits["train"], 5)
+  assert rows.text.shape == (5,) + splits["train"].text.shape[1:]
+  np.testing.assert_array_equal(rows.label, splits["train"].label[:5])
+  assert rows.standardization == splits["train"].standardization
