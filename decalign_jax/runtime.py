@@ -27,6 +27,8 @@ per-thread cache) then land in those cold holes; `_int_malloc` became 13%
 of the profile. The MOSI step at batch 32 ran 88-99 ms in a process that
 compiled it and 63-66 ms in one that loaded it (same executable; compiled
 and reloaded in one process it is 88 ms, so it is the heap, not the code).
+So `train.py` compiles a run's programs in a child process first
+(`precompile.py`, `config.runtime.compile_in_subprocess`) and loads them.
 
 And one compile option for the jitted train step (`compiler_options`,
 passed to `jax.jit` by `train.make_step_fns`):
