@@ -202,14 +202,19 @@ def compilation_cache_dir(runtime_config, environ=None) -> str | None:
   return os.path.expanduser(path) if path else None
 
 
-_jax_events: list[str] = []
+_CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
+_cache_hits = collections.Counter()
+
+
+def _count_cache_hit(event: str, **_) -> None:
+  if event == _CACHE_HIT_EVENT:
+    _cache_hits[event] += 1
 
 
 @functools.cache
-def _record_jax_events() -> None:
-  """Appends every `jax.monitoring` event name to `_jax_events` (once)."""
-  jax.monitoring.register_event_listener(
-      lambda event, **_: _jax_events.append(event))
+def _record_cache_hits() -> None:
+  """Counts JAX's persistent-cache hits in `_cache_hits` (registered once)."""
+  jax.monitoring.register_event_listener(_count_cache_hit)
 
 
 def compile_reporting_cache(lowered) -> tuple[Any, bool]:
@@ -222,11 +227,10 @@ def compile_reporting_cache(lowered) -> tuple[Any, bool]:
     `(compiled, from_cache)`; `from_cache` is True when JAX reported a hit
     of its persistent compilation cache during this compile.
   """
-  _record_jax_events()
-  start = len(_jax_events)
+  _record_cache_hits()
+  before = _cache_hits[_CACHE_HIT_EVENT]
   compiled = lowered.compile()
-  return compiled, ("/jax/compilation_cache/cache_hits"
-                    in _jax_events[start:])
+  return compiled, _cache_hits[_CACHE_HIT_EVENT] > before
 
 
 def configure(runtime_config) -> dict[str, bool]:
