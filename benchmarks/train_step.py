@@ -201,7 +201,8 @@ def text_backbone_config(layers: int, hidden: int) -> dict:
 def build(batch_size: int, ot_mode: str = "ott", seed: int = 0,
           config=None, text_backbone: dict | None = None,
           num_layers: int | None = None, attention_kernel: str | None = None,
-          pack_state: bool | None = None, ynn_reductions: bool | None = None):
+          pack_state: bool | None = None, ynn_reductions: bool | None = None,
+          flat_optimizer: bool | None = None):
   """The MOSI task, train state, device batch and jitted steps.
 
   Args:
@@ -215,6 +216,7 @@ def build(batch_size: int, ot_mode: str = "ott", seed: int = 0,
     attention_kernel: `model.attention_kernel` (default: the config's).
     pack_state: `config.pack_state` (default: the config's).
     ynn_reductions: `config.runtime.ynn_reductions` (default: the config's).
+    flat_optimizer: `config.flat_optimizer` (default: the config's).
 
   Returns:
     dict with `config, task, state, carry, batch, fns, train_fn, eval_fn,
@@ -232,6 +234,8 @@ def build(batch_size: int, ot_mode: str = "ott", seed: int = 0,
     config.pack_state = pack_state
   if ynn_reductions is not None:
     config.runtime.ynn_reductions = ynn_reductions
+  if flat_optimizer is not None:
+    config.flat_optimizer = flat_optimizer
   mc = config.model
   dims = tuple(mc.feature_dims)
   vocab = 0
@@ -257,12 +261,16 @@ def build(batch_size: int, ot_mode: str = "ott", seed: int = 0,
   packing = train.state_packing(config, state, state_sharding)
   fns = train.make_step_fns(
       task, tx, state_sharding, mesh, packing=packing,
+      flat_optimizer=config.flat_optimizer,
       compiler_options=runtime.compiler_options(config.runtime,
                                                 mesh.devices.flat))
   # `carry` is what train_fn steps (the packed state, as in train.py).
   return dict(config=config, task=task, state=state, carry=fns.pack(state),
               batch=batch, fns=fns, train_fn=fns.train, eval_fn=fns.eval,
-              packed=packing is not None, n_params=n_params)
+              packed=packing is not None, n_params=n_params,
+              flat_optimizer=(packing is not None and config.flat_optimizer
+                              and optim.FlatParams.of(tx, state.params)
+                              is not None))
 
 
 def main(argv=None):
@@ -299,6 +307,9 @@ def main(argv=None):
   p.add_argument("--no-pack-state", action="store_true",
                  help="carry the train state as a tree of 792 arrays "
                  "instead of packed (config.pack_state=False)")
+  p.add_argument("--no-flat-optimizer", action="store_true",
+                 help="run the optimizer leaf by leaf (config.flat_optimizer"
+                 "=False)")
   p.add_argument("--ynn-reductions", action="store_true",
                  help="let XLA:CPU give reductions to YNNPACK, its default "
                  "(config.runtime.ynn_reductions=True)")
@@ -338,7 +349,8 @@ def main(argv=None):
             num_layers=args.num_layers,
             attention_kernel=args.attention_kernel,
             pack_state=False if args.no_pack_state else None,
-            ynn_reductions=True if args.ynn_reductions else None)
+            ynn_reductions=True if args.ynn_reductions else None,
+            flat_optimizer=False if args.no_flat_optimizer else None)
   config, state, batch = b["config"], b["carry"], b["batch"]
   del b["state"]  # the carry holds the same values
   train_fn, eval_fn, n_params = b["train_fn"], b["eval_fn"], b["n_params"]
@@ -397,6 +409,7 @@ def main(argv=None):
       "num_layers": mc.num_layers,
       "attention_kernel": cpu_attention.resolve(mc.attention_kernel),
       "packed_state": b["packed"],
+      "flat_optimizer": b["flat_optimizer"],
       "ynn_reductions": bool(config.runtime.ynn_reductions),
       # YNNPACK calls in the compiled step, by root op ("reduce": 0 when
       # reductions run as XLA loops).

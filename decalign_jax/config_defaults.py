@@ -30,6 +30,10 @@ def base_config() -> ml_collections.ConfigDict:
   # dtype (decalign_jax/packing.py): same numbers, less per-step host work,
   # about one more copy of the state in the step's temporaries.
   c.pack_state = True
+  # With a packed state, run the optimizer and the logged norms on the
+  # parameters as one flat vector (optim.FlatParams): same numbers up to
+  # float summation order, ~4,000 fewer small CPU kernels per MOSI step.
+  c.flat_optimizer = True
   # A reference PyTorch checkpoint (.pth or .npz state_dict) to start from.
   c.init_from = ""
   # XLA:CPU speed-ups (see decalign_jax/runtime.py): two process-wide

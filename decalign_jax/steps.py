@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from decalign_jax import optim
+
 LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 
 
@@ -27,7 +29,8 @@ class TrainState:
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *,
-               loss_fn: LossFn, tx: optax.GradientTransformation
+               loss_fn: LossFn, tx: optax.GradientTransformation,
+               flat: optim.FlatParams | None = None
                ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step.
 
@@ -36,6 +39,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *,
     batch: a global batch (arrays may be sharded across the mesh).
     loss_fn: the task's loss.
     tx: the optimizer.
+    flat: run the optimizer and the norms on the parameters as one vector
+      (`optim.FlatParams`; the state keeps its tree layout).
 
   Returns:
     `(new_state, measurements)`; measurements hold every loss term,
@@ -44,14 +49,21 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *,
   rng = jax.random.fold_in(state.rng, state.step)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   (loss, measurements), grads = grad_fn(state.params, batch, rng, True)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params, opt_state = state.params, state.opt_state
+  if flat is not None:
+    grads, params = flat.ravel(grads), flat.ravel(params)
+    opt_state = flat.flatten_state(opt_state)
+  updates, opt_state = tx.update(grads, opt_state, params)
   scale = state.plateau_state.scale
   updates = jax.tree.map(lambda u: (scale * u).astype(u.dtype), updates)
-  params = optax.apply_updates(state.params, updates)
+  params = optax.apply_updates(params, updates)
   measurements = dict(
       measurements, loss=loss, l2_grads=optax.tree.norm(grads),
       l2_updates=optax.tree.norm(updates),
       l2_params=optax.tree.norm(params), lr_scale=scale)
+  if flat is not None:
+    params = flat.unravel(params)
+    opt_state = flat.unflatten_state(opt_state)
   new_state = state.replace(step=state.step + 1, params=params,
                             opt_state=opt_state)
   return new_state, measurements

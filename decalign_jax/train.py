@@ -140,6 +140,7 @@ def _identity(x):
 
 def make_step_fns(task: base.Task, tx, state_sharding, mesh, *,
                   packing: packing_lib.StatePacking | None = None,
+                  flat_optimizer: bool = True,
                   compiler_options: dict[str, Any] | None = None
                   ) -> StepFns:
   """The jitted train and eval steps over `mesh` (also used by benchmarks/).
@@ -154,6 +155,10 @@ def make_step_fns(task: base.Task, tx, state_sharding, mesh, *,
     mesh: the device mesh.
     packing: carry the state packed (`state_packing`); only for a
       replicated state.
+    flat_optimizer: with `packing`, run the optimizer on the parameters as
+      one vector where `optim.FlatParams` can (same numbers up to float
+      summation order in the global norms; 4,000 fewer small thunks a step
+      on CPU for MOSI).
     compiler_options: XLA options of the train step
       (`runtime.compiler_options`). The eval step keeps XLA's defaults: the
       forward alone is 4% faster with YNNPACK's reductions.
@@ -170,6 +175,12 @@ def make_step_fns(task: base.Task, tx, state_sharding, mesh, *,
                        donate_argnums=(0,), compiler_options=compiler_options)
     pack_fn = unpack_fn = _identity
   else:
+    if flat_optimizer:
+      params = packing.treedef.unflatten(
+          [jax.ShapeDtypeStruct(s, d)
+           for s, d in zip(packing.shapes, packing.dtypes)]).params
+      step = functools.partial(step, flat=optim.FlatParams.of(tx, params))
+
     def packed_step(carry, batch):
       state, measurements = step(packing.unpack(carry), batch)
       return packing.pack(state), measurements
@@ -205,6 +216,7 @@ def build_step_fns(config: ml_collections.ConfigDict, task: base.Task, tx,
   return make_step_fns(
       task, tx, state_sharding, mesh,
       packing=state_packing(config, state, state_sharding),
+      flat_optimizer=config.flat_optimizer,
       compiler_options=runtime.compiler_options(config.runtime,
                                                 mesh.devices.flat))
 

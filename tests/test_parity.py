@@ -147,11 +147,17 @@ def test_float64_twin():
                             1e-12)
 
 
-def test_two_adam_steps_with_clipping():
+@pytest.mark.parametrize("flat", [False, True], ids=["tree", "flat"])
+def test_two_adam_steps_with_clipping(flat):
+  """`flat`: the update as the packed train step runs it, on one vector
+  (`optim.FlatParams`), the state kept in its tree layout."""
   g = pu.load("small_regression")
   cfg, params, _, _, grads = pu.loss_and_grads("small_regression")
   tx = optim.make_optimizer(cfg)
   opt_state = tx.init(params)
+  view = optim.FlatParams.of(tx, params) if flat else None
+  if flat:
+    assert view is not None
   _close(optax.tree.norm(grads), g["step1/grad_norm_preclip"], "preclip")
   # Adam divides by |g'|, g' = clipped gradient + weight_decay * param. Where
   # g' cancels to float32 noise of the gradient, the update's size is noise
@@ -168,7 +174,14 @@ def test_two_adam_steps_with_clipping():
       _close(total, g["step2/loss_total_before"], "loss before step 2")
       _close(optax.tree.norm(grads), g["step2/grad_norm_preclip"],
              "preclip 2")
-    updates, opt_state = tx.update(grads, opt_state, params)
+    if flat:
+      updates, opt_state = tx.update(view.ravel(grads),
+                                     view.flatten_state(opt_state),
+                                     view.ravel(params))
+      updates = view.unravel(updates)
+      opt_state = view.unflatten_state(opt_state)
+    else:
+      updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     ref = convert.params_to_reference(params, cfg)
     for name, value in ref.items():
