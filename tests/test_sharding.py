@@ -84,8 +84,13 @@ def _run_x64(setup, layout):
       compiler_options=FAST_LLVM)
   grads = jax.device_get(grad_fn(state.params,
                                  sharding.put_batch(batches[0], data_sh)))
+  # train.py packs a replicated state, and its step then runs the optimizer
+  # on the parameters as one vector: "dp8" runs that update, "single" and
+  # "fsdp" the leaf-by-leaf one.
+  flat = optim.FlatParams.of(tx, abstract.params) if layout == "dp8" else None
+  assert (flat is not None) == (layout == "dp8")
   step = jax.jit(functools.partial(steps.train_step, loss_fn=task.loss_fn,
-                                   tx=tx),
+                                   tx=tx, flat=flat),
                  in_shardings=(state_sh, data_sh),
                  out_shardings=(state_sh, sharding.replicated(mesh)),
                  donate_argnums=(0,), compiler_options=FAST_LLVM)
