@@ -109,8 +109,8 @@ class FlatParams:
   the same for the update, but changes the optimizer state's layout (the
   moments become [n] vectors), which checkpoints and FSDP rules see; here
   the state keeps the tree layout of `tx.init(params)` and is flattened and
-  split inside the step, where XLA turns the concatenation of a packed
-  state's adjacent slices back into one slice (`packing.py`).
+  split inside the step (the packed step already slices and re-concatenates
+  it, `packing.py`; at MOSI's 842,241 parameters that copy takes ~1 ms).
 
   Valid for an optimizer whose state holds, per slot, either a params-shaped
   tree (a moment) or a leaf that does not depend on the parameters' layout
