@@ -122,7 +122,6 @@ class FlatParams:
   Attributes:
     treedef: the parameters' tree structure.
     shapes: the parameter shapes, in tree order.
-    dtype: the parameters' common dtype.
     state_def: the structure of `tx.init(flat vector)`.
     moment_slots: per leaf of that structure, whether it stands for a
       params-shaped subtree of the tree state.
@@ -130,7 +129,6 @@ class FlatParams:
 
   treedef: Any
   shapes: tuple[tuple[int, ...], ...]
-  dtype: Any
   state_def: Any
   moment_slots: tuple[bool, ...]
 
@@ -164,7 +162,7 @@ class FlatParams:
         slots.append(False)
       else:
         return None
-    return cls(treedef, shapes, dtype, state_def, tuple(slots))
+    return cls(treedef, shapes, state_def, tuple(slots))
 
   def ravel(self, tree: Any) -> Any:
     """A params-shaped tree as one vector (leaves in tree order)."""
