@@ -35,6 +35,7 @@ def test_train_step_benchmark_json(extra, backbone):
   assert r["num_layers"] == 1
   assert r["attention_kernel"] == "cpu"  # 'auto' on one CPU device
   assert r["packed_state"] is True  # the train loop's carry, as in train.py
+  assert r["flat_optimizer"] is True  # optim.FlatParams, train.py's default
   # Reductions as XLA loops, as in train.py; products on YNNPACK.
   assert r["ynn_reductions"] is False
   assert r["ynn_fusions"].get("reduce", 0) == 0 and r["ynn_fusions"]["dot"]
