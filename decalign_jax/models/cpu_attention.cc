@@ -28,6 +28,10 @@
 
 #include "xla/ffi/api/ffi.h"
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace ffi = xla::ffi;
 
 namespace {
@@ -61,8 +65,36 @@ inline float hmax(VF v) {
 }
 
 // exp by Cody-Waite range reduction and a degree-6 polynomial (Cephes
-// expf), relative error ~1e-7 on the clamped range [-87.3, 88.4]. Inputs
-// here are logits minus the row max, so <= 0.
+// expf), relative error ~1e-7. Inputs here are logits minus the row max
+// (or the row's log-sum-exp), so <= 0 up to rounding.
+inline VF exp_poly(VF x, VF n) {
+  x = x - n * 0.693359375f;
+  x = x - n * -2.12194440e-4f;
+  VF z = x * x;
+  VF y = splat(1.9875691500E-4f);
+  y = y * x + 1.3981999507E-3f;
+  y = y * x + 8.3334519073E-3f;
+  y = y * x + 4.1665795894E-2f;
+  y = y * x + 1.6666665459E-1f;
+  y = y * x + 5.0000001201E-1f;
+  return y * z + x + 1.0f;
+}
+
+#if defined(__AVX512F__)
+// n = round(x / ln 2) by vrndscaleps and 2^n by vscalefps, which also
+// underflows to 0 past the float range: no lower clamp and no integer
+// exponent arithmetic. The upper clamp stays: a fully masked row's logits
+// minus its (-3e38) max must give a finite weight for its 0 mask to zero.
+inline VF vexp(VF x) {
+  x = x < splat(88.3762626647949f) ? x : splat(88.3762626647949f);
+  const VF n = (VF)_mm512_roundscale_ps(
+      (__m512)(x * 1.44269504088896341f),
+      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return (VF)_mm512_scalef_ps((__m512)exp_poly(x, n), (__m512)n);
+}
+#else
+// Clamped to [-87.3, 88.4], where 2^n is a normal float built in the
+// exponent field.
 inline VF vexp(VF x) {
   x = x < splat(88.3762626647949f) ? x : splat(88.3762626647949f);
   x = x > splat(-87.3365447504f) ? x : splat(-87.3365447504f);
@@ -75,21 +107,12 @@ inline VF vexp(VF x) {
   std::memcpy(&ti, &t, sizeof(ti));
   std::memcpy(&ts, &shifter, sizeof(ts));
   ti -= ts;
-  x = x - tf * 0.693359375f;
-  x = x - tf * -2.12194440e-4f;
-  VF z = x * x;
-  VF y = splat(1.9875691500E-4f);
-  y = y * x + 1.3981999507E-3f;
-  y = y * x + 8.3334519073E-3f;
-  y = y * x + 4.1665795894E-2f;
-  y = y * x + 1.6666665459E-1f;
-  y = y * x + 5.0000001201E-1f;
-  y = y * z + x + 1.0f;
   VI e = (ti + 127) << 23;
   VF pow2;
   std::memcpy(&pow2, &e, sizeof(pow2));
-  return y * pow2;
+  return exp_poly(x, tf) * pow2;
 }
+#endif
 
 inline VU rotl(VU x, int r) { return (x << r) | (x >> (32 - r)); }
 
