@@ -19,13 +19,6 @@ VARIANTS = ("small_regression", "small_regression_f64",
             "small_selfattn_causal", "small_tinybatch", "small_mosi_arch")
 
 
-# The fixtures' models are tiny: compiling is most of a test's time, and
-# LLVM's -O3 most of that. Code generation does not change what is computed
-# (XLA:CPU keeps IEEE semantics at every level), so the parity checks
-# compile at -O0.
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
-
-
 @functools.lru_cache(maxsize=None)
 def load(variant: str) -> dict[str, np.ndarray]:
   with np.load(os.path.join(FIXTURES, f"golden_{variant}.npz")) as z:
@@ -87,8 +80,7 @@ def loss_and_grads_at(variant: str, params, *, ot_mode: str = "reference"):
         logits, aux, labels, cfg.loss, train_mode=cfg.data.train_mode)
 
   (total, terms), grads = jax.jit(
-      jax.value_and_grad(loss_fn, has_aux=True),
-      compiler_options=FAST_COMPILE)(params)
+      jax.value_and_grad(loss_fn, has_aux=True))(params)
   return cfg, params, total, terms, grads
 
 

@@ -18,9 +18,6 @@ from decalign_jax.tasks import sentiment
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_BERT = os.path.join(REPO, "tests", "fixtures", "tiny_bert_bin")
-# Compile-bound tests: LLVM at -O0 compiles these steps ~2x faster; what
-# they check (weights loaded, which parameters move) is the same program.
-FAST_LLVM = {"xla_backend_optimization_level": 0}
 
 
 def _config(model_dir, **optim_fields):
@@ -58,13 +55,11 @@ def _steps(config, tmp_path, n=2, with_grads=True):
   params = task.pretrained(task.init_params(jax.random.key(0)))
   state = steps.init_train_state(params, tx, plateau, jax.random.key(1))
   step = jax.jit(lambda s, b: steps.train_step(s, b, loss_fn=task.loss_fn,
-                                               tx=tx),
-                 compiler_options=FAST_LLVM)
+                                               tx=tx))
   grads = None
   if with_grads:
     grads = jax.jit(jax.grad(lambda p: task.loss_fn(
-        p, task.example_batch, jax.random.key(2), True)[0]),
-                    compiler_options=FAST_LLVM)(params)
+        p, task.example_batch, jax.random.key(2), True)[0]))(params)
   for batch, _ in zip(task.train_batches(0), range(n)):
     state, _ = step(state, batch)
   return params, state.params, grads

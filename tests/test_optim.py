@@ -65,9 +65,12 @@ def test_flat_update_equals_the_tree_update():
   for a, b in zip(jax.tree.leaves(p_tree),
                   jax.tree.leaves(view.unravel(p_flat))):
     np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-7)
+  # Summation order (one norm over the vector against one per leaf) moves
+  # the moments by float rounding: compare at 1e-6 of each leaf's scale.
   for a, b in zip(jax.tree.leaves(state),
                   jax.tree.leaves(view.unflatten_state(flat_state))):
-    np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-9)
+    scale = float(np.abs(np.asarray(a)).max()) if np.size(a) else 0.0
+    np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-6 * scale)
 
 
 def test_flat_view_declines_what_it_cannot_flatten():

@@ -65,11 +65,6 @@ def _run(setup, layout):
     return _run_x64(setup, layout)
 
 
-# These steps are tiny and compile-bound (LLVM at -O3 is most of the time);
-# every layout compiles with the same option, so the comparison holds.
-FAST_LLVM = {"xla_backend_optimization_level": 0}
-
-
 def _run_x64(setup, layout):
   config, task, batches = setup
   batches = [_f64(b) for b in batches]
@@ -91,7 +86,7 @@ def _run_x64(setup, layout):
                                    tx=tx, flat=flat),
                  in_shardings=(state_sh, data_sh),
                  out_shardings=(state_sh, sharding.replicated(mesh)),
-                 donate_argnums=(0,), compiler_options=FAST_LLVM)
+                 donate_argnums=(0,))
   # One compile, reused for the steps and read by the HLO tests.
   compiled = step.lower(state, sharding.put_batch(batches[0],
                                                   data_sh)).compile()
