@@ -19,7 +19,7 @@ import tempfile
 _flags = os.environ.get("XLA_FLAGS", "") + (
     " --xla_force_host_platform_device_count=8")
 # LLVM at -O0: the suite is mostly compiling small programs, and LLVM's -O3
-# passes are most of each compile (the suite: 8:45 against 9:38-10:10). XLA
+# passes are most of each compile (the suite: 8:14-8:26 against 9:38-10:10). XLA
 # emits the same programs at every level; a vectorised reduction may sum in
 # another order than at -O3, which the tolerances cover. Processes that tests
 # start inherit the flags or set their own; a level the user set is kept.
