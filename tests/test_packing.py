@@ -86,9 +86,10 @@ def tiny_run():
 def test_packed_steps_equal_tree_steps(tiny_run):
   """Also: the packed runs compile as train.py does (`config.runtime`'s
   compile options: reductions as XLA loops), the tree run with XLA:CPU's
-  defaults; the packed run's optimizer works on the parameters as one
-  vector (`optim.FlatParams`, train.py's default), the tree run's leaf by
-  leaf. The numbers agree to float32 rounding."""
+  defaults; "packed" runs the optimizer on the parameters as one vector
+  (`optim.FlatParams`, train.py's default), "packed_tree_opt"
+  (`config.flat_optimizer=False`) and the tree run leaf by leaf. The numbers
+  agree to float32 rounding."""
   config, task, mesh, tx, _, state, state_sharding, batches = tiny_run
   spec = train.state_packing(config, state, state_sharding)
   assert spec is not None and len(spec.shapes) == len(jax.tree.leaves(state))
@@ -98,10 +99,12 @@ def test_packed_steps_equal_tree_steps(tiny_run):
   assert opts  # config_defaults: ynn_reductions=False, and these are CPUs
   runs = {}
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
-  for name, p, o in (("tree", None, None), ("packed", spec, opts)):
+  for name, p, o, flat in (("tree", None, None, True),
+                           ("packed", spec, opts, True),
+                           ("packed_tree_opt", spec, opts, False)):
     fns = train.make_step_fns(task, tx, state_sharding, mesh, packing=p,
-                              compiler_options=o)
-    # The step works on a copy: both runs start from the same state.
+                              flat_optimizer=flat, compiler_options=o)
+    # The step works on a copy: every run starts from the same state.
     carry = fns.pack(jax.tree.map(jnp.copy, state))
     if p is not None:
       # Three buffers (float32, int32, uint32) instead of the state's leaves.
@@ -115,7 +118,7 @@ def test_packed_steps_equal_tree_steps(tiny_run):
       # defaults) is where the option's wiring shows.
       assert roots["reduce"] == 0, roots
     # Flat, Adam's moments and the updates are [n_params] vectors.
-    assert (f"f32[{n_params}]" in text) == (p is not None), name
+    assert (f"f32[{n_params}]" in text) == (name == "packed"), name
     history = []
     for batch in batches:
       carry, measurements = fns.train(carry, batch)
