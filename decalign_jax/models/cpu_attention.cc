@@ -251,6 +251,16 @@ struct Geometry {
 
 constexpr int R = 4;  // query rows processed together
 
+// n vectors of this thread's scratch, kept from call to call (contents
+// undefined): allocating and zeroing each chunk's buffers anew took ~5% of
+// the kernel's time in malloc, free and memset. A thread runs one chunk at a
+// time, so one buffer per thread serves forward and backward alike.
+VF* thread_scratch(size_t n) {
+  thread_local std::vector<VF> buf;
+  if (buf.size() < n) buf.resize(n);
+  return buf.data();
+}
+
 // Mask as 0/1 floats per slot; per row the vectors with any key, per block
 // of R rows the union of theirs, and per vector the rows in which it has one.
 struct Mask {
@@ -417,7 +427,8 @@ inline void block_weights(const float* const* qs, const VF* kt, const VF* mf,
 }
 
 // Dropout factors (scale where kept, 0 where dropped) of rows row0 ..
-// row0 + NR - 1 into keep + r * stride, in natural key order: key j takes
+// row0 + NR - 1 for keys 0 .. 64 num_hash - 1 into keep + r * stride,
+// in natural key order: key j takes
 // draw j % 4 of hash j / 4, the draws of a hash being (low, high) 16 bits of
 // its first word, then of its second.
 // Not inlined: its unrolled hashes would crowd the callers' hot loops
@@ -425,14 +436,14 @@ inline void block_weights(const float* const* qs, const VF* kt, const VF* mf,
 // serves NR rows.
 template <int NR>
 __attribute__((noinline)) void rows_keep(uint32_t k1, uint32_t k2,
-                                         uint32_t row0, const Geometry& g,
+                                         uint32_t row0, int64_t num_hash,
                                          uint32_t threshold, float scale,
                                          VF* keep, int64_t stride) {
   const VU th = splatu(threshold);
   const VF on = splat(scale), off = splat(0.f);
   uint32_t hi[NR], lo[NR];
   for (int r = 0; r < NR; ++r) hi[r] = row0 + uint32_t(r);
-  for (int64_t h = 0; h < g.kh / L; ++h) {
+  for (int64_t h = 0; h < num_hash; ++h) {
     for (int r = 0; r < NR; ++r) lo[r] = uint32_t(h * L);
     VU y1[NR], y2[NR];
     threefry16<NR>(k1, k2, hi, lo, y1, y2);
@@ -464,6 +475,13 @@ __attribute__((noinline)) void rows_keep(uint32_t k1, uint32_t k2,
                                        27, 12, 13, 28, 29, 14, 15, 30, 31);
     }
   }
+}
+
+// Hash vectors (64 keys each) up to the last of the ascending active key
+// vectors act[0 .. na): the draws of keys no row of the block attends to are
+// never read, and a causal row of an interleaved context needs fewer.
+inline int64_t hash_vectors(const int32_t* act, int32_t na) {
+  return na ? act[na - 1] / 4 + 1 : 0;
 }
 
 struct Params {
@@ -502,7 +520,7 @@ inline void forward_rows(const Geometry& g, const Mask& mask, const Params& p,
   block_exp<C, NR>(qs, kt, mask.f.data() + i0 * nb, act, na, nb, p.inv_div,
                    w, m, s);
   if constexpr (kDrop)
-    rows_keep<NR>(p.k1, p.k2, uint32_t(n * g.q + i0), g,
+    rows_keep<NR>(p.k1, p.k2, uint32_t(n * g.q + i0), hash_vectors(act, na),
                   uint32_t(p.threshold), p.drop_scale, keep, nk);
   for (int r = 0; r < NR; ++r) {
     const int64_t row = n * g.q + i0 + r;
@@ -530,23 +548,23 @@ void forward_impl(ffi::ThreadPool& pool, const Geometry& g, const Mask& mask,
                   const Params& p, float* out, float* stats) {
   const bool drop = p.threshold < 65536;
   parallel_for(pool, g.n, 4, [&](int64_t b0, int64_t e0) {
-    const int64_t nb = g.nb;
-    std::vector<VF> kt(C * nb), vt(C * nb), w(R * nb);
-    std::vector<VF> keep(R * 4 * g.kh / L);
+    const int64_t nb = g.nb, nk = 4 * g.kh / L;
+    VF* const kt = thread_scratch(2 * C * nb + R * nb + R * nk);
+    VF* const vt = kt + C * nb;
+    VF* const w = vt + C * nb;
+    VF* const keep = w + R * nb;
     for (int64_t n = b0; n < e0; ++n) {
-      load_slots<C>(p.k, g, n, kt.data());
-      load_slots<C>(p.v, g, n, vt.data());
+      load_slots<C>(p.k, g, n, kt);
+      load_slots<C>(p.v, g, n, vt);
       for_row_blocks(g, mask, [&](auto nr, int64_t i0, const int32_t* act,
                                   int32_t na) {
         constexpr int NR = decltype(nr)::value;
         if (drop)
-          forward_rows<C, NR, true>(g, mask, p, kt.data(), vt.data(), n, i0,
-                                    act, na, w.data(), keep.data(), out,
-                                    stats);
+          forward_rows<C, NR, true>(g, mask, p, kt, vt, n, i0, act, na, w,
+                                    keep, out, stats);
         else
-          forward_rows<C, NR, false>(g, mask, p, kt.data(), vt.data(), n, i0,
-                                     act, na, w.data(), keep.data(), out,
-                                     stats);
+          forward_rows<C, NR, false>(g, mask, p, kt, vt, n, i0, act, na, w,
+                                     keep, out, stats);
       });
     }
   });
@@ -574,7 +592,7 @@ inline void backward_rows(const Geometry& g, const Mask& mask,
     for (int c = 0; c < C; ++c) d_row[r] += gs[r][c] * p.out[at + c];
   }
   if (p.threshold < 65536)
-    rows_keep<NR>(p.k1, p.k2, uint32_t(n * g.q + i0), g,
+    rows_keep<NR>(p.k1, p.k2, uint32_t(n * g.q + i0), hash_vectors(act, na),
                   uint32_t(p.threshold), p.drop_scale, keep, nk);
   block_weights<C, NR>(qs, kt, mask.f.data() + i0 * nb, act, na, nb,
                        p.inv_div, lse, w);
@@ -610,18 +628,22 @@ template <int C>
 void backward_impl(ffi::ThreadPool& pool, const Geometry& g, const Mask& mask,
                    const Params& p, float* dq, float* dk, float* dv) {
   parallel_for(pool, g.n, 4, [&](int64_t b0, int64_t e0) {
-    const int64_t nb = g.nb;
-    std::vector<VF> kt(C * nb), vt(C * nb), dkt(C * nb), dvt(C * nb);
-    std::vector<VF> w(R * nb), keep(R * 4 * g.kh / L);
-    std::vector<VF> dl(g.q * nb), wd(g.q * nb);
+    const int64_t nb = g.nb, nk = 4 * g.kh / L;
+    VF* const kt = thread_scratch(4 * C * nb + R * nb + R * nk + 2 * g.q * nb);
+    VF* const vt = kt + C * nb;
+    VF* const dkt = vt + C * nb;
+    VF* const dvt = dkt + C * nb;
+    VF* const w = dvt + C * nb;
+    VF* const keep = w + R * nb;
+    VF* const dl = keep + R * nk;
+    VF* const wd = dl + g.q * nb;
     for (int64_t n = b0; n < e0; ++n) {
-      load_slots<C>(p.k, g, n, kt.data());
-      load_slots<C>(p.v, g, n, vt.data());
+      load_slots<C>(p.k, g, n, kt);
+      load_slots<C>(p.v, g, n, vt);
       for_row_blocks(g, mask, [&](auto nr, int64_t i0, const int32_t* act,
                                   int32_t na) {
-        backward_rows<C, decltype(nr)::value>(
-            g, mask, p, kt.data(), vt.data(), n, i0, act, na, w.data(),
-            keep.data(), dl.data(), wd.data(), dq);
+        backward_rows<C, decltype(nr)::value>(g, mask, p, kt, vt, n, i0, act,
+                                              na, w, keep, dl, wd, dq);
       });
       for (int64_t b = 0; b < nb; ++b) {
         VF dka[C], dva[C];
@@ -642,8 +664,8 @@ void backward_impl(ffi::ThreadPool& pool, const Geometry& g, const Mask& mask,
           dvt[c * nb + b] = dva[c];
         }
       }
-      store_slots<C>(dkt.data(), g, n, dk);
-      store_slots<C>(dvt.data(), g, n, dv);
+      store_slots<C>(dkt, g, n, dk);
+      store_slots<C>(dvt, g, n, dv);
     }
   });
 }
