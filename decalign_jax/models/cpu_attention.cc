@@ -479,8 +479,8 @@ __attribute__((noinline)) void rows_keep(uint32_t k1, uint32_t k2,
 
 // Hash vectors (64 keys each) up to the last of the ascending active key
 // vectors act[0 .. na): the draws of keys no row of the block attends to are
-// never read (the first 14 causal rows of a MOSI cross-modal context need
-// one hash vector of two).
+// never read (under a MOSI cross-modal causal mask, the blocks of rows 0-11
+// reach key 61 at most: one hash vector of two).
 inline int64_t hash_vectors(const int32_t* act, int32_t na) {
   return na ? act[na - 1] / 4 + 1 : 0;
 }
